@@ -1,0 +1,1 @@
+"""Event-sourced aggregates (Workflow, Run) and the event-store application."""

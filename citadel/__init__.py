@@ -1,0 +1,1 @@
+"""Composition root: settings, the citadel CLI, and the wiring of the parts."""

@@ -1,0 +1,1 @@
+"""GraphQL gateway (issue 5)."""

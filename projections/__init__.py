@@ -1,0 +1,1 @@
+"""ClickHouse projections (issue 4)."""

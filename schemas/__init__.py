@@ -1,0 +1,1 @@
+"""Workflow definition language, commands, events and node contracts: pydantic models, no I/O."""

@@ -1,0 +1,1 @@
+"""The Faust app: topics, agents, the outbox, timers and the embedded broker."""
