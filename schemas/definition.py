@@ -1,0 +1,428 @@
+"""The workflow definition language: YAML or JSON documents validated into `WorkflowDefinition`.
+
+`parse_definition` reports every problem of a document at once, each naming where it is
+(node id and field), so a user fixes a definition in one pass.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import orjson
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.expressions import INPUT, ExpressionError, compile_expression, references
+
+NODE_ID = r"^[A-Za-z_][A-Za-z0-9_]*$"
+WORKFLOW_NAME = r"^[a-z0-9][a-z0-9_.-]*$"
+# CEL words a node id may not take, since node ids are expression variables.
+RESERVED_IDS = frozenset(
+    {INPUT, "true", "false", "null", "in", "as", "break", "const", "continue", "else", "for",
+     "function", "if", "import", "let", "loop", "package", "namespace", "return", "var", "void",
+     "while"}
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetryPolicy(Strict):
+    """How a failed node attempt is retried."""
+
+    max_attempts: int = Field(default=1, ge=1, le=100)
+    backoff: Literal["constant", "exponential"] = "exponential"
+    delay_seconds: float = Field(default=1.0, ge=0, le=86_400)
+    multiplier: float = Field(default=2.0, ge=1, le=10)
+    max_delay_seconds: float = Field(default=300.0, ge=0, le=86_400)
+    jitter: float = Field(default=0.2, ge=0, le=1, description="± fraction of the delay")
+    retry_on: list[str] | None = Field(
+        default=None, description="error classes that retry; every error when absent"
+    )
+
+    def retries(self, error_class: str) -> bool:
+        return self.retry_on is None or error_class in self.retry_on
+
+    def delay_before(self, attempt: int, seed: str) -> float:
+        """Seconds to wait before `attempt` (2, 3, ...); jitter is deterministic in `seed`."""
+        failures = attempt - 1
+        base = self.delay_seconds
+        if self.backoff == "exponential":
+            base = self.delay_seconds * self.multiplier ** (failures - 1)
+        base = min(base, self.max_delay_seconds)
+        digest = hashlib.blake2b(seed.encode(), digest_size=8).digest()
+        unit = int.from_bytes(digest, "big") / 2**64 * 2 - 1  # in [-1, 1)
+        return max(0.0, min(base * (1 + self.jitter * unit), self.max_delay_seconds))
+
+
+class TransformConfig(Strict):
+    """Maps the context to a new value: one expression, or a {field: expression} object."""
+
+    output: str | dict[str, str]
+
+
+class ConditionConfig(Strict):
+    """Evaluates a boolean expression; its output is {"result": bool}."""
+
+    expression: str
+
+
+class LogConfig(Strict):
+    """Writes a message (a string expression) to the run's history and the engine log."""
+
+    message: str
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class PythonConfig(Strict):
+    """Runs `entrypoint(**inputs)` from `code` in a child process."""
+
+    code: str
+    entrypoint: str = Field(default="main", pattern=NODE_ID)
+    inputs: dict[str, str] = Field(default_factory=dict)
+
+
+NODE_CONFIGS: dict[str, type[Strict]] = {
+    "transform": TransformConfig,
+    "condition": ConditionConfig,
+    "log": LogConfig,
+    "python": PythonConfig,
+}
+# Node types decided in the decide step itself (pure expressions, no hop to an executor).
+INLINE_TYPES = frozenset({"transform", "condition", "log"})
+
+
+class Node(Strict):
+    id: str = Field(pattern=NODE_ID, max_length=64)
+    type: str
+    needs: list[str] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    when: str | None = None
+    description: str = ""
+
+    def typed_config(self) -> Any:
+        return NODE_CONFIGS[self.type].model_validate(self.config)
+
+    def expressions(self) -> Iterable[tuple[str, str]]:
+        """(field path, expression) for every expression this node holds."""
+        if self.when is not None:
+            yield "when", self.when
+        config = self.config
+        if self.type == "transform":
+            output = config.get("output")
+            if isinstance(output, str):
+                yield "config.output", output
+            elif isinstance(output, dict):
+                for name, source in output.items():
+                    yield f"config.output.{name}", source
+        elif self.type == "condition":
+            yield "config.expression", config["expression"]
+        elif self.type == "log":
+            yield "config.message", config["message"]
+        elif self.type == "python":
+            for name, source in config.get("inputs", {}).items():
+                yield f"config.inputs.{name}", source
+
+
+class WorkflowDefinition(Strict):
+    name: str = Field(pattern=WORKFLOW_NAME, max_length=128)
+    version: int = Field(default=1, ge=1)
+    description: str = ""
+    input: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object"}, description="JSON Schema of the run input"
+    )
+    nodes: list[Node] = Field(min_length=1)
+    outputs: dict[str, str] = Field(default_factory=dict)
+
+    def node(self, node_id: str) -> Node:
+        return self._by_id()[node_id]
+
+    def _by_id(self) -> dict[str, Node]:
+        return {n.id: n for n in self.nodes}
+
+    def upstream(self, node_id: str) -> set[str]:
+        """Every node `node_id` transitively needs."""
+        by_id = self._by_id()
+        seen: set[str] = set()
+        stack = list(by_id[node_id].needs)
+        while stack:
+            current = stack.pop()
+            if current not in seen and current in by_id:
+                seen.add(current)
+                stack.extend(by_id[current].needs)
+        return seen
+
+    def digest(self) -> str:
+        return hashlib.sha256(orjson.dumps(self.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class Problem(Strict):
+    """One thing wrong with a definition, and where."""
+
+    location: str
+    message: str
+    node: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}"
+
+
+class DefinitionInvalid(Exception):
+    """A definition has problems; `problems` lists all of them."""
+
+    def __init__(self, problems: list[Problem], source: str = "definition") -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
+
+
+def load_document(text: str, source: str = "definition") -> Any:
+    """Parse YAML (a superset of JSON) text; a syntax error names the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "document"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise DefinitionInvalid([Problem(location=where, message=f"not valid YAML: {problem}")], source)
+
+
+def parse_definition(document: Any, source: str = "definition") -> WorkflowDefinition:
+    """Validate a definition document (text or parsed) and return it, or raise DefinitionInvalid."""
+    if isinstance(document, str | bytes):
+        document = load_document(document.decode() if isinstance(document, bytes) else document, source)
+    if not isinstance(document, dict):
+        problem = Problem(location="document", message="must be a mapping with name and nodes")
+        raise DefinitionInvalid([problem], source)
+
+    problems: list[Problem] = []
+    raw_nodes = document.get("nodes")
+    nodes: list[Node] = []
+    if isinstance(raw_nodes, list):
+        for index, raw in enumerate(raw_nodes):
+            node = _parse_node(index, raw, problems)
+            if node is not None:
+                nodes.append(node)
+    header = {k: v for k, v in document.items() if k != "nodes"}
+    try:
+        definition = WorkflowDefinition.model_validate(
+            {**header, "nodes": raw_nodes if not isinstance(raw_nodes, list) else nodes or raw_nodes}
+        )
+    except ValidationError as exc:
+        problems.extend(
+            _problems_from(exc, prefix="", skip_nodes=isinstance(raw_nodes, list) and bool(nodes))
+        )
+        definition = None
+    if isinstance(raw_nodes, list) and not raw_nodes:
+        problems.append(Problem(location="nodes", message="a workflow needs at least one node"))
+
+    problems.extend(_check_input_schema(document.get("input")))
+    if nodes:
+        declared = {
+            raw["id"] for raw in raw_nodes if isinstance(raw, dict) and isinstance(raw.get("id"), str)
+        }
+        problems.extend(_check_graph(nodes, declared, document.get("outputs")))
+    if problems or definition is None:
+        raise DefinitionInvalid(_unique(problems), source)
+    return definition
+
+
+def _parse_node(index: int, raw: Any, problems: list[Problem]) -> Node | None:
+    node_name = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+    where = f"nodes.{node_name}" if node_name else f"nodes[{index}]"
+    if not isinstance(raw, dict):
+        problems.append(Problem(location=where, message="must be a mapping with id and type"))
+        return None
+    try:
+        node = Node.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_problems_from(exc, prefix=where, node=node_name))
+        return None
+    if node.type not in NODE_CONFIGS:
+        known = ", ".join(sorted(NODE_CONFIGS))
+        problems.append(
+            Problem(location=f"{where}.type", node=node.id,
+                    message=f"unknown node type {node.type!r}; known types: {known}")
+        )
+        return None
+    try:
+        node.typed_config()
+    except ValidationError as exc:
+        problems.extend(_problems_from(exc, prefix=f"{where}.config", node=node.id))
+        return None
+    if node.type == "python":
+        problems.extend(_check_python(where, node))
+    return node
+
+
+def _check_python(where: str, node: Node) -> list[Problem]:
+    config = PythonConfig.model_validate(node.config)
+    try:
+        tree = ast.parse(config.code, filename=f"<node {node.id}>")
+    except SyntaxError as exc:
+        return [Problem(location=f"{where}.config.code", node=node.id,
+                        message=f"Python syntax error at line {exc.lineno}: {exc.msg}")]
+    defined = {
+        n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+    if config.entrypoint not in defined:
+        return [Problem(location=f"{where}.config.code", node=node.id,
+                        message=f"defines no function {config.entrypoint!r} to call")]
+    return []
+
+
+def _check_input_schema(schema: Any) -> list[Problem]:
+    if schema is None or not isinstance(schema, dict):
+        return []
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        path = ".".join(str(p) for p in exc.absolute_path)
+        return [Problem(location="input" + (f".{path}" if path else ""),
+                        message=f"not a valid JSON Schema: {exc.message}")]
+    return []
+
+
+def _check_graph(nodes: list[Node], declared: set[str], outputs: Any) -> list[Problem]:
+    """Checks across nodes; `declared` also holds the ids of nodes that failed their own checks."""
+    problems: list[Problem] = []
+    by_id: dict[str, Node] = {}
+    for node in nodes:
+        if node.id in by_id:
+            problems.append(Problem(location=f"nodes.{node.id}.id", node=node.id,
+                                    message=f"duplicate node id {node.id!r}"))
+        if node.id in RESERVED_IDS:
+            problems.append(Problem(location=f"nodes.{node.id}.id", node=node.id,
+                                    message=f"{node.id!r} is reserved in expressions; rename the node"))
+        by_id[node.id] = node
+    for node in nodes:
+        for need in node.needs:
+            if need == node.id:
+                problems.append(Problem(location=f"nodes.{node.id}.needs", node=node.id,
+                                        message="a node cannot need itself"))
+            elif need not in declared:
+                problems.append(Problem(location=f"nodes.{node.id}.needs", node=node.id,
+                                        message=f"needs unknown node {need!r}"))
+    cycle = _find_cycle(by_id)
+    if cycle:
+        problems.append(Problem(location=f"nodes.{cycle[0]}.needs", node=cycle[0],
+                                message="cycle: " + " -> ".join(cycle)))
+    for node in nodes:
+        upstream = _upstream(by_id, node.id)
+        for field, source in node.expressions():
+            problems.extend(
+                _check_expression(f"nodes.{node.id}.{field}", source, upstream, declared, node.id)
+            )
+    if isinstance(outputs, dict):
+        for name, source in outputs.items():
+            if isinstance(source, str):
+                problems.extend(_check_expression(f"outputs.{name}", source, declared, declared, None))
+    return problems
+
+
+def _check_expression(
+    location: str, source: str, visible: set[str], declared: set[str], node_id: str | None
+) -> list[Problem]:
+    try:
+        names = references(source)
+    except ExpressionError as exc:
+        return [Problem(location=location, node=node_id, message=f"expression does not parse: {exc}")]
+    problems = []
+    for name in sorted(names - {INPUT}):
+        if name not in declared:
+            problems.append(Problem(location=location, node=node_id,
+                                    message=f"references {name!r}, which is neither 'input' nor a node"))
+        elif name not in visible:
+            problems.append(Problem(location=location, node=node_id,
+                                    message=f"references node {name!r}, which is not upstream; "
+                                            f"add it to needs"))
+    return problems
+
+
+def _upstream(by_id: dict[str, Node], node_id: str) -> set[str]:
+    seen: set[str] = set()
+    stack = [n for n in by_id[node_id].needs if n in by_id]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(n for n in by_id[current].needs if n in by_id)
+    seen.discard(node_id)
+    return seen
+
+
+def _find_cycle(by_id: dict[str, Node]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    path: list[str] = []
+
+    def visit(node_id: str) -> list[str] | None:
+        state[node_id] = 1
+        path.append(node_id)
+        for need in by_id[node_id].needs:
+            if need not in by_id or need == node_id:
+                continue
+            if state.get(need) == 1:
+                return [*path[path.index(need):], need]
+            if need not in state:
+                found = visit(need)
+                if found:
+                    return found
+        path.pop()
+        state[node_id] = 2
+        return None
+
+    for node_id in by_id:
+        if node_id not in state:
+            found = visit(node_id)
+            if found:
+                return found
+    return None
+
+
+def _problems_from(
+    exc: ValidationError, prefix: str, node: str | None = None, skip_nodes: bool = False
+) -> list[Problem]:
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        if skip_nodes and loc and loc[0] == "nodes":
+            continue  # already reported per node
+        path = ".".join(loc)
+        location = f"{prefix}.{path}" if prefix and path else (prefix or path or "document")
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        problems.append(Problem(location=location, node=node, message=message))
+    return problems
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    seen: set[tuple[str, str]] = set()
+    result = []
+    for p in problems:
+        if (p.location, p.message) not in seen:
+            seen.add((p.location, p.message))
+            result.append(p)
+    return result
+
+
+def definition_json_schema() -> dict[str, Any]:
+    """JSON Schema of a definition document, for editors."""
+    schema = WorkflowDefinition.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Citadel workflow definition"
+    schema["$defs"]["Node"]["properties"]["type"]["enum"] = sorted(NODE_CONFIGS)
+    return schema
+
+

@@ -1,0 +1,191 @@
+"""The one wire envelope for commands and events, its orjson codec, and the upcasting hook."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+
+# (message type, from schema version) -> function turning that version's payload into the next.
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+class EnvelopeError(ValueError):
+    """Bytes that are not a valid envelope; the message says what is wrong."""
+
+
+class Envelope(BaseModel):
+    """A command or an event as it travels on a topic."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(min_length=1, max_length=200)
+    type: str = Field(min_length=1, max_length=100)
+    run_id: str = Field(min_length=1, max_length=100)
+    tenant: str = Field(default="default", min_length=1, max_length=100)
+    time: dt.datetime
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    # Position of an event in its run (events only).
+    version: int | None = None
+
+    @classmethod
+    def new(
+        cls,
+        type: str,
+        run_id: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        id: str | None = None,
+        tenant: str = "default",
+        time: dt.datetime | None = None,
+        version: int | None = None,
+    ) -> Envelope:
+        return cls(
+            id=id or str(uuid.uuid4()),
+            type=type,
+            run_id=run_id,
+            tenant=tenant,
+            time=time or dt.datetime.now(dt.UTC),
+            payload=payload or {},
+            version=version,
+        )
+
+
+def upcaster(message_type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+    """Register a function that upgrades `message_type` payloads from `from_version` to the next."""
+
+    def register(function: Upcaster) -> Upcaster:
+        UPCASTERS[(message_type, from_version)] = function
+        return function
+
+    return register
+
+
+def encode(envelope: Envelope) -> bytes:
+    return orjson.dumps(envelope.model_dump(mode="json", exclude_none=True))
+
+
+def decode(data: bytes | None) -> Envelope:
+    """Decode and upcast an envelope to SCHEMA_VERSION, or raise EnvelopeError naming the problem."""
+    if not data:
+        raise EnvelopeError("empty message")
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise EnvelopeError(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise EnvelopeError("envelope must be a JSON object")
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or version < 1:
+        raise EnvelopeError(f"schema_version must be a positive integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise EnvelopeError(
+            f"schema_version {version} is newer than this engine understands ({SCHEMA_VERSION})"
+        )
+    payload = raw.get("payload", {})
+    while version < SCHEMA_VERSION and isinstance(payload, dict):
+        step = UPCASTERS.get((str(raw.get("type")), version))
+        if step is not None:
+            payload = step(payload)
+        version += 1
+    raw = {**raw, "payload": payload, "schema_version": SCHEMA_VERSION}
+    try:
+        return Envelope.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'envelope'}: {e['msg']}" for e in exc.errors()
+        )
+        raise EnvelopeError(f"invalid envelope: {problems}") from None
+
+
+# Command payloads. Commands travel on `citadel.commands`, keyed by run id.
+
+class StartRun(BaseModel):
+    """Start a run of a workflow: either an inline definition document, or a deployed name."""
+
+    model_config = ConfigDict(extra="forbid")
+    definition: dict[str, Any] | None = None
+    workflow: str | None = None
+    workflow_version: int | None = None
+    input: dict[str, Any] = Field(default_factory=dict)
+
+
+class AttemptStarted(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    node_id: str
+    attempt_id: str
+
+
+class NodeSucceeded(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    node_id: str
+    attempt_id: str
+    output: Any = None
+    duration_ms: float = 0.0
+    stdout: str = ""
+    stderr: str = ""
+
+
+class NodeFailed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    node_id: str
+    attempt_id: str
+    error_class: str
+    message: str
+    duration_ms: float = 0.0
+    stdout: str = ""
+    stderr: str = ""
+
+
+class CancelRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = "cancelled by user"
+
+
+class TimerFired(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    timer_id: str
+
+
+COMMANDS: dict[str, type[BaseModel]] = {
+    "StartRun": StartRun,
+    "AttemptStarted": AttemptStarted,
+    "NodeSucceeded": NodeSucceeded,
+    "NodeFailed": NodeFailed,
+    "CancelRun": CancelRun,
+    "TimerFired": TimerFired,
+}
+
+CommandType = Literal["StartRun", "AttemptStarted", "NodeSucceeded", "NodeFailed", "CancelRun", "TimerFired"]
+
+
+def command_payload(envelope: Envelope) -> BaseModel:
+    """The typed payload of a command envelope, or EnvelopeError naming the bad field."""
+    model = COMMANDS.get(envelope.type)
+    if model is None:
+        known = ", ".join(sorted(COMMANDS))
+        raise EnvelopeError(f"unknown command type {envelope.type!r}; known: {known}")
+    try:
+        return model.model_validate(envelope.payload)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"payload.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise EnvelopeError(f"invalid {envelope.type}: {problems}") from None
+
+
+def command_json_schema() -> dict[str, Any]:
+    """JSON Schema of the command envelope, so any program can publish commands."""
+    schema = Envelope.model_json_schema()
+    schema["title"] = "Citadel command envelope (topic citadel.commands, key = run id)"
+    schema["properties"]["type"]["enum"] = sorted(COMMANDS)
+    schema["$defs"] = {name: model.model_json_schema() for name, model in COMMANDS.items()}
+    return schema
