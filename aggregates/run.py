@@ -1,0 +1,375 @@
+"""The `Run` aggregate: the per-run state machine. Commands in, events out; no I/O.
+
+Every event carries the id of the command that caused it, so a command applied once is
+recognised when it is delivered again and changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from functools import lru_cache
+from typing import Any
+
+import orjson
+from eventsourcing.domain import Aggregate, event
+
+from schemas.definition import INLINE_TYPES, Node, WorkflowDefinition
+from schemas.expressions import INPUT, ExpressionError, evaluate, evaluate_mapping
+
+# A failure of this class is deterministic (same context, same error), so it never retries.
+EXPRESSION_ERROR = "ExpressionError"
+
+RUNNING = "running"
+TERMINAL_RUN = frozenset({"completed", "failed", "cancelled"})
+DONE_NODE = frozenset({"succeeded", "skipped"})
+
+
+class Rejected(Exception):
+    """A command that the run's state machine does not allow; the message says why."""
+
+
+@lru_cache(maxsize=256)
+def _definition(serialised: bytes) -> WorkflowDefinition:
+    return WorkflowDefinition.model_validate(orjson.loads(serialised))
+
+
+def run_uuid(run_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(run_id)
+    except ValueError:
+        raise Rejected(f"run id {run_id!r} is not a UUID") from None
+
+
+class Run(Aggregate):
+    @staticmethod
+    def create_id(run_id: str, **_: Any) -> uuid.UUID:
+        return run_uuid(run_id)
+
+    @event("Started")
+    def __init__(
+        self,
+        run_id: str,
+        workflow: str,
+        workflow_version: int,
+        definition: dict[str, Any],
+        input: dict[str, Any],
+        tenant: str,
+        command_id: str,
+    ) -> None:
+        self.run_id = run_id
+        self.workflow = workflow
+        self.workflow_version = workflow_version
+        self.definition = definition
+        self.input = input
+        self.tenant = tenant
+        self.status = RUNNING
+        self.outputs: dict[str, Any] | None = None
+        self.error: str | None = None
+        # node id -> {status, attempt, attempt_id, started, output, error_class, error}
+        self.nodes: dict[str, dict[str, Any]] = {
+            n["id"]: {"status": "pending", "attempt": 0, "attempt_id": None} for n in definition["nodes"]
+        }
+        self.attempts: dict[str, str] = {}  # attempt id -> node id
+        self.timers: dict[str, dict[str, Any]] = {}  # pending timer id -> {node_id, attempt, due_at}
+        self.applied: dict[str, int] = {command_id: 1}
+
+    # ---- decisions -------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        run_id: str,
+        definition: WorkflowDefinition,
+        input: dict[str, Any],
+        tenant: str,
+        command_id: str,
+        now: dt.datetime,
+    ) -> Run:
+        run = cls(
+            run_id=run_id,
+            workflow=definition.name,
+            workflow_version=definition.version,
+            definition=definition.model_dump(mode="json"),
+            input=input,
+            tenant=tenant,
+            command_id=command_id,
+        )
+        run.advance(command_id, now)
+        return run
+
+    @property
+    def spec(self) -> WorkflowDefinition:
+        return _definition(orjson.dumps(self.definition, option=orjson.OPT_SORT_KEYS))
+
+    def has_applied(self, command_id: str) -> bool:
+        return command_id in self.applied
+
+    def attempt_started(self, node_id: str, attempt_id: str, command_id: str) -> None:
+        state = self._node_of_attempt(node_id, attempt_id)
+        if self.status != RUNNING or state["attempt_id"] != attempt_id or state.get("started"):
+            return  # late or repeated news about an attempt: nothing to decide
+        self._attempt_started(node_id=node_id, attempt_id=attempt_id, command_id=command_id)
+
+    def node_succeeded(
+        self, node_id: str, attempt_id: str, output: Any, duration_ms: float, stdout: str,
+        stderr: str, command_id: str, now: dt.datetime,
+    ) -> None:
+        state = self._node_of_attempt(node_id, attempt_id)
+        if self.status != RUNNING or state["attempt_id"] != attempt_id or state["status"] != "scheduled":
+            return  # a result for a finished run or a superseded/finished attempt changes nothing
+        self._node_succeeded(node_id=node_id, attempt_id=attempt_id, output=output,
+                             duration_ms=duration_ms, stdout=stdout, stderr=stderr,
+                             command_id=command_id)
+        self.advance(command_id, now)
+
+    def node_failed(
+        self, node_id: str, attempt_id: str, error_class: str, message: str, duration_ms: float,
+        stdout: str, stderr: str, command_id: str, now: dt.datetime,
+    ) -> None:
+        state = self._node_of_attempt(node_id, attempt_id)
+        if self.status != RUNNING or state["attempt_id"] != attempt_id or state["status"] != "scheduled":
+            return
+        self._fail_attempt(self.spec.node(node_id), state, error_class, message, duration_ms,
+                           stdout, stderr, command_id, now)
+
+    def timer_fired(self, timer_id: str, command_id: str, now: dt.datetime) -> None:
+        if self.status != RUNNING:
+            return
+        timer = self.timers.get(timer_id)
+        if timer is None:
+            raise Rejected(f"run {self.run_id} has no pending timer {timer_id!r}")
+        self._schedule(self.spec.node(timer["node_id"]), timer["attempt"], command_id, now,
+                       timer_id=timer_id)
+        self.advance(command_id, now)
+
+    def cancel(self, reason: str, command_id: str) -> None:
+        if self.status != RUNNING:
+            raise Rejected(f"run {self.run_id} is already {self.status}; it cannot be cancelled")
+        self._cancelled(reason=reason, command_id=command_id)
+
+    def advance(self, command_id: str, now: dt.datetime) -> None:
+        """Schedule every node whose needs are done, skip what a false `when` rules out, finish."""
+        spec = self.spec
+        progressed = True
+        while progressed and self.status == RUNNING:
+            progressed = False
+            for node in spec.nodes:
+                if self.nodes[node.id]["status"] != "pending":
+                    continue
+                needs = [self.nodes[n]["status"] for n in node.needs]
+                if not all(s in DONE_NODE for s in needs):
+                    continue
+                progressed = True
+                if needs and all(s == "skipped" for s in needs):
+                    self._node_skipped(node_id=node.id, reason="every node it needs was skipped",
+                                       command_id=command_id)
+                elif node.when is not None and not self._when_holds(node, command_id, now):
+                    pass
+                else:
+                    self._schedule(node, 1, command_id, now)
+                if self.status != RUNNING:
+                    return
+        if self.status == RUNNING and all(s["status"] in DONE_NODE for s in self.nodes.values()):
+            try:
+                outputs = evaluate_mapping(spec.outputs, self._context())
+            except ExpressionError as exc:
+                self._failed(reason=f"workflow outputs: {exc}", node_id=None, command_id=command_id)
+            else:
+                self._completed(outputs=outputs, command_id=command_id)
+
+    # ---- decision helpers ------------------------------------------------
+
+    def _when_holds(self, node: Node, command_id: str, now: dt.datetime) -> bool:
+        assert node.when is not None
+        try:
+            value = evaluate(node.when, self._context())
+            if not isinstance(value, bool):
+                raise ExpressionError(f"when must be a boolean, got {type(value).__name__}")
+        except ExpressionError as exc:
+            attempt_id = self._new_attempt_id(node.id, 1)
+            self._node_scheduled(node_id=node.id, attempt=1, attempt_id=attempt_id,
+                                 node_type=node.type, config={}, inputs={}, timeout_seconds=0.0,
+                                 inline=True, timer_id=None, command_id=command_id)
+            self._fail_attempt(node, self.nodes[node.id], EXPRESSION_ERROR, f"when: {exc}", 0.0,
+                               "", "", command_id, now)
+            return False
+        if not value:
+            self._node_skipped(node_id=node.id, reason=f"when is false: {node.when}",
+                               command_id=command_id)
+        return value
+
+    def _schedule(
+        self, node: Node, attempt: int, command_id: str, now: dt.datetime, timer_id: str | None = None
+    ) -> None:
+        attempt_id = self._new_attempt_id(node.id, attempt)
+        inline = node.type in INLINE_TYPES
+        context = self._context()
+        inputs: dict[str, Any] = {}
+        error: str | None = None
+        if node.type == "python":
+            try:
+                inputs = evaluate_mapping(node.config.get("inputs", {}), context)
+            except ExpressionError as exc:
+                error = f"config.inputs.{exc}"
+        self._node_scheduled(
+            node_id=node.id, attempt=attempt, attempt_id=attempt_id, node_type=node.type,
+            config={} if inline else node.config, inputs=inputs,
+            timeout_seconds=node.timeout_seconds, inline=inline, timer_id=timer_id,
+            command_id=command_id,
+        )
+        state = self.nodes[node.id]
+        if error is not None:
+            self._fail_attempt(node, state, EXPRESSION_ERROR, error, 0.0, "", "", command_id, now)
+            return
+        if not inline:
+            return
+        self._attempt_started(node_id=node.id, attempt_id=attempt_id, command_id=command_id)
+        try:
+            output = _evaluate_inline(node, context)
+        except ExpressionError as exc:
+            self._fail_attempt(node, state, EXPRESSION_ERROR, str(exc), 0.0, "", "", command_id, now)
+            return
+        self._node_succeeded(node_id=node.id, attempt_id=attempt_id, output=output, duration_ms=0.0,
+                             stdout="", stderr="", command_id=command_id)
+
+    def _fail_attempt(
+        self, node: Node, state: dict[str, Any], error_class: str, message: str, duration_ms: float,
+        stdout: str, stderr: str, command_id: str, now: dt.datetime,
+    ) -> None:
+        attempt = state["attempt"]
+        retry = (
+            error_class != EXPRESSION_ERROR
+            and attempt < node.retry.max_attempts
+            and node.retry.retries(error_class)
+        )
+        self._node_failed(node_id=node.id, attempt_id=state["attempt_id"], error_class=error_class,
+                          message=message, duration_ms=duration_ms, stdout=stdout, stderr=stderr,
+                          will_retry=retry, command_id=command_id)
+        if retry:
+            timer_id = f"retry:{state['attempt_id']}"
+            delay = node.retry.delay_before(attempt + 1, seed=timer_id)
+            due_at = (now + dt.timedelta(seconds=delay)).isoformat()
+            self._retry_scheduled(node_id=node.id, attempt=attempt + 1, timer_id=timer_id,
+                                  due_at=due_at, delay_seconds=delay, command_id=command_id)
+        else:
+            self._failed(reason=f"node {node.id!r} failed after {attempt} attempt(s): "
+                                f"{error_class}: {message}", node_id=node.id, command_id=command_id)
+
+    def _node_of_attempt(self, node_id: str, attempt_id: str) -> dict[str, Any]:
+        if self.attempts.get(attempt_id) != node_id:
+            raise Rejected(f"run {self.run_id} has no attempt {attempt_id!r} of node {node_id!r}")
+        return self.nodes[node_id]
+
+    def _new_attempt_id(self, node_id: str, attempt: int) -> str:
+        return f"{self.run_id}:{node_id}:{attempt}"
+
+    def _context(self) -> dict[str, Any]:
+        context: dict[str, Any] = {INPUT: self.input}
+        for node_id, state in self.nodes.items():
+            if state["status"] == "succeeded":
+                context[node_id] = state["output"]
+            elif state["status"] == "skipped":
+                context[node_id] = None
+        return context
+
+    # ---- events: each method body is how the event changes the state -----
+
+    @event("NodeScheduled")
+    def _node_scheduled(
+        self, node_id: str, attempt: int, attempt_id: str, node_type: str, config: dict[str, Any],
+        inputs: dict[str, Any], timeout_seconds: float, inline: bool, timer_id: str | None,
+        command_id: str,
+    ) -> None:
+        self.nodes[node_id].update(status="scheduled", attempt=attempt, attempt_id=attempt_id,
+                                   started=False, inputs=inputs)
+        self.attempts[attempt_id] = node_id
+        if timer_id is not None:
+            self.timers.pop(timer_id, None)
+        self.applied[command_id] = 1
+
+    @event("AttemptStarted")
+    def _attempt_started(self, node_id: str, attempt_id: str, command_id: str) -> None:
+        self.nodes[node_id]["started"] = True
+        self.applied[command_id] = 1
+
+    @event("NodeSucceeded")
+    def _node_succeeded(
+        self, node_id: str, attempt_id: str, output: Any, duration_ms: float, stdout: str,
+        stderr: str, command_id: str,
+    ) -> None:
+        self.nodes[node_id].update(status="succeeded", output=output)
+        self.applied[command_id] = 1
+
+    @event("NodeFailed")
+    def _node_failed(
+        self, node_id: str, attempt_id: str, error_class: str, message: str, duration_ms: float,
+        stdout: str, stderr: str, will_retry: bool, command_id: str,
+    ) -> None:
+        self.nodes[node_id].update(status="retry_wait" if will_retry else "failed",
+                                   error_class=error_class, error=message)
+        self.applied[command_id] = 1
+
+    @event("RetryScheduled")
+    def _retry_scheduled(
+        self, node_id: str, attempt: int, timer_id: str, due_at: str, delay_seconds: float,
+        command_id: str,
+    ) -> None:
+        self.timers[timer_id] = {"node_id": node_id, "attempt": attempt, "due_at": due_at}
+        self.applied[command_id] = 1
+
+    @event("NodeSkipped")
+    def _node_skipped(self, node_id: str, reason: str, command_id: str) -> None:
+        self.nodes[node_id]["status"] = "skipped"
+        self.applied[command_id] = 1
+
+    @event("Completed")
+    def _completed(self, outputs: dict[str, Any], command_id: str) -> None:
+        self.status = "completed"
+        self.outputs = outputs
+        self.applied[command_id] = 1
+
+    @event("Failed")
+    def _failed(self, reason: str, node_id: str | None, command_id: str) -> None:
+        self.status = "failed"
+        self.error = reason
+        self.timers.clear()
+        self.applied[command_id] = 1
+
+    @event("Cancelled")
+    def _cancelled(self, reason: str, command_id: str) -> None:
+        self.status = "cancelled"
+        self.error = reason
+        self.timers.clear()
+        self.applied[command_id] = 1
+
+    # ---- queries ---------------------------------------------------------
+
+    def unfinished_attempts(self) -> list[dict[str, Any]]:
+        """Attempts scheduled for an executor and not yet finished (to dispatch again on start)."""
+        if self.status != RUNNING:
+            return []
+        spec = self.spec
+        result = []
+        for node_id, state in self.nodes.items():
+            node = spec.node(node_id)
+            if state["status"] == "scheduled" and node.type not in INLINE_TYPES:
+                result.append({"node": node, "attempt": state["attempt"],
+                               "attempt_id": state["attempt_id"], "inputs": state["inputs"]})
+        return result
+
+
+def _evaluate_inline(node: Node, context: dict[str, Any]) -> Any:
+    config = node.typed_config()
+    if node.type == "transform":
+        if isinstance(config.output, str):
+            return evaluate(config.output, context)
+        return evaluate_mapping(config.output, context)
+    if node.type == "condition":
+        value = evaluate(config.expression, context)
+        if not isinstance(value, bool):
+            raise ExpressionError(f"condition must be a boolean, got {type(value).__name__}")
+        return {"result": value}
+    message = evaluate(config.message, context)
+    return {"message": message if isinstance(message, str) else orjson.dumps(message).decode(),
+            "level": config.level}

@@ -1,0 +1,255 @@
+"""The event-store application: loads and saves `Run` and `Workflow`, and applies commands in batches.
+
+SQLite by default, PostgreSQL when the store URL says so; the two differ by settings only.
+All methods are synchronous: callers on an event loop run them in a thread.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError
+from jsonschema import Draft202012Validator
+from pydantic import BaseModel
+
+from aggregates.run import Rejected, Run, run_uuid
+from aggregates.workflow import VersionConflict, Workflow, workflow_id
+from schemas.definition import DefinitionInvalid, WorkflowDefinition, parse_definition
+from schemas.envelope import (
+    AttemptStarted,
+    CancelRun,
+    Envelope,
+    EnvelopeError,
+    NodeFailed,
+    NodeSucceeded,
+    StartRun,
+    TimerFired,
+    command_payload,
+)
+
+log = logging.getLogger(__name__)
+
+APPLIED, DUPLICATE, REJECTED = "applied", "duplicate", "rejected"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What became of one command."""
+
+    command: Envelope
+    outcome: str
+    reason: str = ""
+
+
+def persistence_env(url: str) -> dict[str, str]:
+    """The `eventsourcing` settings for a store URL: sqlite:///path or postgresql://user@host/db."""
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        path = Path(unquote(parsed.path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(path),
+                "SQLITE_LOCK_TIMEOUT": "30"}
+    if parsed.scheme in ("postgresql", "postgres"):
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": parsed.path.lstrip("/") or "postgres",
+            "POSTGRES_HOST": parsed.hostname or "127.0.0.1",
+            "POSTGRES_PORT": str(parsed.port or 5432),
+            "POSTGRES_USER": unquote(parsed.username or "postgres"),
+            "POSTGRES_PASSWORD": unquote(parsed.password or ""),
+            "POSTGRES_POOL_SIZE": "4",
+        }
+    raise ValueError(f"unsupported event store URL {url!r}: use sqlite:///PATH or postgresql://...")
+
+
+class RunStore(Application[uuid.UUID]):
+    name = "Citadel"
+    snapshotting_intervals = {Run: 100}  # noqa: RUF012 - the library's class-level seam
+
+    def __init__(self, url: str, snapshot_interval: int = 100, cache_size: int = 10_000) -> None:
+        self.url = url
+        super().__init__(env=persistence_env(url))
+        self.snapshotting_intervals = {Run: snapshot_interval}
+        self._cache: OrderedDict[uuid.UUID, Run | Workflow] = OrderedDict()
+        self._cache_size = cache_size
+
+    # ---- reading ---------------------------------------------------------
+
+    def run(self, run_id: str, version: int | None = None) -> Run:
+        """A run, optionally as it was at `version`; KeyError if there is no such run."""
+        try:
+            run: Run = self.repository.get(run_uuid(run_id), version=version)
+        except (AggregateNotFoundError, Rejected):
+            raise KeyError(f"no run {run_id!r}") from None
+        return run
+
+    def workflow(self, name: str) -> Workflow:
+        try:
+            workflow: Workflow = self.repository.get(workflow_id(name))
+        except AggregateNotFoundError:
+            raise KeyError(f"no workflow {name!r} is deployed") from None
+        return workflow
+
+    def run_events(self, run_id: str) -> list[Any]:
+        return list(self.events.get(run_uuid(run_id)))
+
+    # ---- deciding --------------------------------------------------------
+
+    def decide(self, commands: Sequence[Envelope], now: dt.datetime) -> list[Verdict]:
+        """Apply commands in order and save every resulting event in one transaction."""
+        poisoned: dict[int, str] = {}
+        for _ in range(len(commands) + 3):
+            try:
+                return self._decide_once(commands, now, poisoned)
+            except _CommandCrashed as crash:
+                # A bug, not a user error: drop what this batch changed and retry without it.
+                self._cache.clear()
+                poisoned[crash.index] = crash.reason
+            except IntegrityError:
+                # Another writer saved the same run first: reload and decide again.
+                self._cache.clear()
+        raise RuntimeError("could not save a batch of decisions after repeated conflicts")
+
+    def _decide_once(
+        self, commands: Sequence[Envelope], now: dt.datetime, poisoned: dict[int, str]
+    ) -> list[Verdict]:
+        touched: dict[uuid.UUID, Run | Workflow] = {}
+        verdicts = []
+        for index, command in enumerate(commands):
+            if index in poisoned:
+                verdicts.append(Verdict(command, REJECTED, poisoned[index]))
+                continue
+            try:
+                payload = command_payload(command)
+                outcome = self._apply(command, payload, now, touched)
+                verdicts.append(Verdict(command, outcome))
+            except (Rejected, EnvelopeError, DefinitionInvalid, VersionConflict, KeyError) as exc:
+                reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                verdicts.append(Verdict(command, REJECTED, reason))
+            except Exception as exc:
+                log.exception("command %s (%s) crashed the decide step", command.id, command.type)
+                raise _CommandCrashed(index, f"internal error: {type(exc).__name__}: {exc}") from exc
+        if touched:
+            self.save(*touched.values())
+            for key, aggregate in touched.items():
+                self._remember(key, aggregate)
+        return verdicts
+
+    def _apply(
+        self, command: Envelope, payload: BaseModel, now: dt.datetime,
+        touched: dict[uuid.UUID, Run | Workflow],
+    ) -> str:
+        key = run_uuid(command.run_id)
+        if isinstance(payload, StartRun):
+            if self._get(key, touched) is not None:
+                return DUPLICATE
+            definition = self._definition_for(payload, touched)
+            _check_input(definition, payload.input)
+            touched[key] = Run.start(command.run_id, definition, payload.input, command.tenant,
+                                     command.id, now)
+            return APPLIED
+        run = self._get(key, touched)
+        if not isinstance(run, Run):
+            raise Rejected(f"{command.type} for unknown run {command.run_id}")
+        if run.has_applied(command.id):
+            return DUPLICATE
+        version = run.version
+        _apply_to_run(run, command, payload, now)
+        if run.version != version:
+            touched[key] = run
+        return APPLIED
+
+    def _definition_for(
+        self, payload: StartRun, touched: dict[uuid.UUID, Run | Workflow]
+    ) -> WorkflowDefinition:
+        if payload.definition is not None:
+            definition = parse_definition(payload.definition)
+            key = workflow_id(definition.name)
+            workflow = self._get(key, touched)
+            if not isinstance(workflow, Workflow):
+                workflow = Workflow(name=definition.name)
+            if workflow.deploy(definition) or workflow.version == 1:
+                touched[key] = workflow
+            return definition
+        if not payload.workflow:
+            raise Rejected("StartRun needs either a definition or the name of a deployed workflow")
+        workflow = self._get(workflow_id(payload.workflow), touched)
+        if not isinstance(workflow, Workflow):
+            raise Rejected(f"no workflow {payload.workflow!r} is deployed")
+        return workflow.definition(payload.workflow_version)
+
+    def deploy(self, definition: WorkflowDefinition) -> bool:
+        """Deploy a definition version outside of a run (CLI, gateway)."""
+        key = workflow_id(definition.name)
+        workflow = self._get(key, {})
+        if not isinstance(workflow, Workflow):
+            workflow = Workflow(name=definition.name)
+        is_new = workflow.deploy(definition)
+        self.save(workflow)
+        self._remember(key, workflow)
+        return is_new
+
+    def _get(self, key: uuid.UUID, touched: dict[uuid.UUID, Run | Workflow]) -> Run | Workflow | None:
+        if key in touched:
+            return touched[key]
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        try:
+            aggregate: Run | Workflow = self.repository.get(key)
+        except AggregateNotFoundError:
+            return None
+        self._remember(key, aggregate)
+        return aggregate
+
+    def _remember(self, key: uuid.UUID, aggregate: Run | Workflow) -> None:
+        self._cache[key] = aggregate
+        self._cache.move_to_end(key)
+        if isinstance(aggregate, Run) and aggregate.status != "running":
+            del self._cache[key]  # finished runs take no more commands worth caching for
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+
+class _CommandCrashed(Exception):
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index = index
+        self.reason = reason
+
+
+def _check_input(definition: WorkflowDefinition, value: dict[str, Any]) -> None:
+    validator = Draft202012Validator(definition.input)
+    errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
+    if errors:
+        problems = "; ".join(
+            f"input{''.join(f'.{p}' for p in e.absolute_path)}: {e.message}" for e in errors
+        )
+        raise Rejected(f"run input does not match the input schema of {definition.name!r}: {problems}")
+
+
+def _apply_to_run(run: Run, command: Envelope, payload: BaseModel, now: dt.datetime) -> None:
+    if isinstance(payload, AttemptStarted):
+        run.attempt_started(payload.node_id, payload.attempt_id, command.id)
+    elif isinstance(payload, NodeSucceeded):
+        run.node_succeeded(payload.node_id, payload.attempt_id, payload.output, payload.duration_ms,
+                           payload.stdout, payload.stderr, command.id, now)
+    elif isinstance(payload, NodeFailed):
+        run.node_failed(payload.node_id, payload.attempt_id, payload.error_class, payload.message,
+                        payload.duration_ms, payload.stdout, payload.stderr, command.id, now)
+    elif isinstance(payload, TimerFired):
+        run.timer_fired(payload.timer_id, command.id, now)
+    elif isinstance(payload, CancelRun):
+        run.cancel(payload.reason, command.id)
+    else:
+        raise Rejected(f"command type {command.type} does not apply to a run")
