@@ -15,7 +15,7 @@ import orjson
 from eventsourcing.domain import Aggregate, event
 
 from schemas.definition import INLINE_TYPES, Node, WorkflowDefinition
-from schemas.expressions import INPUT, ExpressionError, evaluate, evaluate_mapping
+from schemas.expressions import INPUT, RUN, ExpressionError, evaluate, evaluate_mapping
 
 # A failure of this class is deterministic (same context, same error), so it never retries.
 EXPRESSION_ERROR = "ExpressionError"
@@ -204,7 +204,7 @@ class Run(Aggregate):
     ) -> None:
         attempt_id = self._new_attempt_id(node.id, attempt)
         inline = node.type in INLINE_TYPES
-        context = self._context()
+        context = self._context(attempt)
         inputs: dict[str, Any] = {}
         error: str | None = None
         if node.type == "python":
@@ -264,8 +264,10 @@ class Run(Aggregate):
     def _new_attempt_id(self, node_id: str, attempt: int) -> str:
         return f"{self.run_id}:{node_id}:{attempt}"
 
-    def _context(self) -> dict[str, Any]:
-        context: dict[str, Any] = {INPUT: self.input}
+    def _context(self, attempt: int = 0) -> dict[str, Any]:
+        run = {"id": self.run_id, "workflow": self.workflow, "workflow_version": self.workflow_version,
+               "tenant": self.tenant, "attempt": attempt}
+        context: dict[str, Any] = {INPUT: self.input, RUN: run}
         for node_id, state in self.nodes.items():
             if state["status"] == "succeeded":
                 context[node_id] = state["output"]

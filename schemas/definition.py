@@ -17,13 +17,13 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.expressions import INPUT, ExpressionError, compile_expression, references
+from schemas.expressions import BUILTINS, ExpressionError, references
 
 NODE_ID = r"^[A-Za-z_][A-Za-z0-9_]*$"
 WORKFLOW_NAME = r"^[a-z0-9][a-z0-9_.-]*$"
 # CEL words a node id may not take, since node ids are expression variables.
 RESERVED_IDS = frozenset(
-    {INPUT, "true", "false", "null", "in", "as", "break", "const", "continue", "else", "for",
+    {*BUILTINS, "true", "false", "null", "in", "as", "break", "const", "continue", "else", "for",
      "function", "if", "import", "let", "loop", "package", "namespace", "return", "var", "void",
      "while"}
 )
@@ -337,10 +337,10 @@ def _check_expression(
     except ExpressionError as exc:
         return [Problem(location=location, node=node_id, message=f"expression does not parse: {exc}")]
     problems = []
-    for name in sorted(names - {INPUT}):
+    for name in sorted(names - BUILTINS):
         if name not in declared:
             problems.append(Problem(location=location, node=node_id,
-                                    message=f"references {name!r}, which is neither 'input' nor a node"))
+                                    message=f"references {name!r}, which is not 'input', 'run' or a node"))
         elif name not in visible:
             problems.append(Problem(location=location, node=node_id,
                                     message=f"references node {name!r}, which is not upstream; "

@@ -1,7 +1,9 @@
 """The expression language of definitions: CEL (Common Expression Language), compiled once, never `eval`.
 
-An expression sees `input` (the run's input) and one variable per completed node,
-named by the node id and holding that node's output (null when it was skipped).
+An expression sees `input` (the run's input), `run` (id, workflow, workflow_version,
+tenant, and `attempt`: the attempt number of the node being scheduled, 0 elsewhere), and one
+variable per completed node, named by the node id and holding that node's output (null when
+it was skipped).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 import cel
 
 INPUT = "input"
+RUN = "run"
+BUILTINS = frozenset({INPUT, RUN})
 
 
 class ExpressionError(Exception):

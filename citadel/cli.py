@@ -1,0 +1,258 @@
+"""The `citadel` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from aiokafka import AIOKafkaProducer
+from jsonschema import Draft202012Validator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from citadel.runs import RunReport, follow, start_command
+from citadel.settings import Settings
+from citadel.stack import announce, running_engine, running_stack, withdraw
+from schemas.definition import DefinitionInvalid, definition_json_schema, parse_definition
+from schemas.envelope import Envelope, command_json_schema, encode
+from streams.kafka import COMMANDS
+from streams.watch import CommandRejected
+
+app = typer.Typer(
+    help="Citadel: an event-sourced workflow automation engine.\n\n"
+    "With no configuration everything runs embedded: a bundled Kafka-compatible broker, "
+    "SQLite under ./.citadel/. Set CITADEL_KAFKA and CITADEL_EVENT_STORE for production.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+out = Console()
+err = Console(stderr=True)
+
+EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 1, 2, 3
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("citadel.run").setLevel(logging.INFO)
+    # Faust and aiokafka are chatty at INFO about every rebalance.
+    for noisy in ("faust", "aiokafka", "mode"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        err.print(f"[red]cannot read {path}: {exc.strerror}[/red]")
+        raise typer.Exit(EXIT_INVALID) from None
+    try:
+        return parse_definition(text, source=str(path)).model_dump(mode="json")
+    except DefinitionInvalid as exc:
+        err.print(f"[red]{path} is not a valid workflow definition ({len(exc.problems)} problem(s)):[/red]")
+        for problem in exc.problems:
+            err.print(f"  [bold]{problem.location}[/bold]: {problem.message}")
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+@app.command()
+def validate(files: Annotated[list[Path], typer.Argument(help="definition files (YAML or JSON)")]) -> None:
+    """Check workflow definitions and report every problem, naming node and field."""
+    failed = False
+    for path in files:
+        try:
+            _load(path)
+            out.print(f"[green]ok[/green] {path}")
+        except typer.Exit:
+            failed = True
+    if failed:
+        raise typer.Exit(EXIT_INVALID)
+
+
+@app.command()
+def schema(
+    commands: Annotated[bool, typer.Option("--commands", help="the command envelope instead")] = False,
+) -> None:
+    """Print the JSON Schema of workflow definitions (for editors), or of commands."""
+    document = command_json_schema() if commands else definition_json_schema()
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="workflow definition (YAML or JSON)")],
+    input: Annotated[str, typer.Option("--input", "-i", help="run input as a JSON object")] = "{}",
+    tenant: Annotated[str, typer.Option(help="tenant the run belongs to")] = "default",
+    timeout: Annotated[float, typer.Option(help="give up waiting after this many seconds")] = 600.0,
+    json_output: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Run a workflow to completion and print its outputs and a per-node summary.
+
+    Submits to a running `citadel up` in this directory if there is one; otherwise starts
+    the embedded engine for the duration of the run. Exits 1 if the run failed.
+    """
+    definition = _load(file)
+    try:
+        run_input = json.loads(input)
+    except json.JSONDecodeError as exc:
+        err.print(f"[red]--input is not JSON: {exc}[/red]")
+        raise typer.Exit(EXIT_INVALID) from None
+    if not isinstance(run_input, dict):
+        err.print("[red]--input must be a JSON object[/red]")
+        raise typer.Exit(EXIT_INVALID)
+    problems = list(Draft202012Validator(definition["input"]).iter_errors(run_input))
+    if problems:
+        err.print(f"[red]--input does not match the input schema of {definition['name']!r}:[/red]")
+        for problem in problems:
+            where = "".join(f".{p}" for p in problem.absolute_path)
+            err.print(f"  [bold]input{where}[/bold]: {problem.message}")
+        raise typer.Exit(EXIT_INVALID)
+    settings = Settings.from_env()
+    _setup_logging(settings)
+    command = start_command(definition, run_input, tenant)
+    try:
+        report = asyncio.run(asyncio.wait_for(_run(settings, command), timeout))
+    except TimeoutError:
+        err.print(f"[red]run {command.run_id} did not finish within {timeout:g}s[/red]")
+        raise typer.Exit(EXIT_TIMEOUT) from None
+    except CommandRejected as exc:
+        err.print(f"[red]the engine rejected the run: {exc}[/red]")
+        raise typer.Exit(EXIT_INVALID) from None
+    _print_report(report, json_output)
+    if report.status != "completed":
+        raise typer.Exit(EXIT_FAILED)
+
+
+async def _run(settings: Settings, command: Envelope) -> RunReport:
+    engine = running_engine(settings)
+    if engine is not None:
+        producer = AIOKafkaProducer(bootstrap_servers=engine["bootstrap"], acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(COMMANDS, encode(command), key=command.run_id.encode())
+        finally:
+            await producer.stop()
+        return await _follow_with_progress(engine["bootstrap"], engine["partitions"], command)
+    with err.status("starting the embedded engine…"):
+        stack_cm = running_stack(settings)
+        stack = await stack_cm.__aenter__()
+    try:
+        await stack.engine.submit(command)
+        return await _follow_with_progress(stack.kafka.bootstrap, stack.kafka.partitions, command)
+    finally:
+        await stack_cm.__aexit__(None, None, None)
+
+
+async def _follow_with_progress(bootstrap: str, partitions: int, command: Envelope) -> RunReport:
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+    with progress:
+        bar = progress.add_task(f"run {command.run_id[:8]}", total=None)
+
+        def update(report: RunReport, event: Envelope) -> None:
+            node = event.payload.get("node_id")
+            what = f"{event.type} {node}" if node else event.type
+            progress.update(bar, total=len(report.nodes) or None, completed=report.done,
+                            description=f"run {command.run_id[:8]}: {what}")
+
+        return await follow(bootstrap, partitions, command.run_id, command.id, on_event=update)
+
+
+def _print_report(report: RunReport, as_json: bool) -> None:
+    if as_json:
+        nodes = {n.node_id: {"status": n.status, "attempts": n.attempts,
+                             "duration_ms": n.duration_ms, "error": n.error}
+                 for n in report.nodes.values()}
+        sys.stdout.write(json.dumps({"run_id": report.run_id, "status": report.status,
+                                     "outputs": report.outputs, "error": report.error,
+                                     "nodes": nodes}, indent=2) + "\n")
+        return
+    table = Table(title=f"run {report.run_id}")
+    for column in ("node", "status", "attempts", "duration", "error"):
+        table.add_column(column)
+    colours = {"succeeded": "green", "failed": "red", "skipped": "yellow"}
+    for node in report.nodes.values():
+        duration = f"{node.duration_ms:.1f} ms" if node.duration_ms is not None else "-"
+        colour = colours.get(node.status, "white")
+        table.add_row(node.node_id, f"[{colour}]{node.status}[/{colour}]", str(node.attempts),
+                      duration, node.error or "")
+    out.print(table)
+    if report.status == "completed":
+        out.print("[green]completed[/green]; outputs:")
+        out.print_json(json.dumps(report.outputs))
+    else:
+        out.print(f"[red]{report.status}[/red]: {report.error}")
+
+
+@app.command()
+def up() -> None:
+    """Start the whole engine in this process (embedded by default). Ctrl-C stops it cleanly."""
+    settings = Settings.from_env()
+    _setup_logging(settings)
+    try:
+        asyncio.run(_serve(settings, announce_self=True))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def worker() -> None:
+    """Run a production worker against CITADEL_KAFKA and CITADEL_EVENT_STORE."""
+    settings = Settings.from_env()
+    if settings.embedded:
+        err.print("[red]citadel worker needs CITADEL_KAFKA (bootstrap servers) and usually "
+                  "CITADEL_EVENT_STORE=postgresql://...; for a local engine use `citadel up`[/red]")
+        raise typer.Exit(EXIT_INVALID)
+    _setup_logging(settings)
+    asyncio.run(_serve(settings, announce_self=False))
+
+
+async def _serve(settings: Settings, announce_self: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with err.status("starting the engine…"):
+        stack_cm = running_stack(settings)
+        stack = await stack_cm.__aenter__()
+    try:
+        if announce_self:
+            announce(stack)
+        mode = "embedded broker" if stack.broker else "Kafka"
+        err.print(f"[green]Citadel is up[/green] ({mode} at {stack.kafka.bootstrap}; "
+                  f"event store {_redact(settings.event_store)})")
+        err.print("  run a workflow:  citadel run examples/linear.yaml --input '{\"n\": 5}'")
+        err.print("  stop:            Ctrl-C")
+        await stop.wait()
+        err.print("stopping…")
+    finally:
+        if announce_self:
+            withdraw(settings)
+        with contextlib.suppress(Exception):
+            await stack_cm.__aexit__(None, None, None)
+
+
+def _redact(url: str) -> str:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

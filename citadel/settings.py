@@ -1,0 +1,38 @@
+"""The one settings object, read from CITADEL_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+class Settings(BaseModel):
+    home: Path = Field(description="where embedded mode keeps its state (CITADEL_HOME)")
+    kafka: str | None = Field(description="Kafka bootstrap servers; embedded broker when unset")
+    event_store: str = Field(description="sqlite:///PATH or postgresql://user@host:port/db")
+    partitions: int = Field(ge=1, le=1024)
+    executor_concurrency: int = Field(ge=1, le=1024)
+    snapshot_interval: int = Field(ge=2)
+    group: str
+    log_level: str
+
+    @property
+    def embedded(self) -> bool:
+        return self.kafka is None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        home = Path(env.get("CITADEL_HOME", ".citadel")).resolve()
+        return cls(
+            home=home,
+            kafka=env.get("CITADEL_KAFKA") or None,
+            event_store=env.get("CITADEL_EVENT_STORE") or f"sqlite:///{home / 'events.db'}",
+            partitions=int(env.get("CITADEL_PARTITIONS", "8")),
+            executor_concurrency=int(env.get("CITADEL_EXECUTOR_CONCURRENCY", str(2 * (os.cpu_count() or 2)))),
+            snapshot_interval=int(env.get("CITADEL_SNAPSHOT_INTERVAL", "100")),
+            group=env.get("CITADEL_GROUP", "citadel"),
+            log_level=env.get("CITADEL_LOG_LEVEL", "WARNING"),
+        )

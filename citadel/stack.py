@@ -1,0 +1,88 @@
+"""Wiring: the embedded broker (when no Kafka is configured), the executors and the engine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from citadel.settings import Settings
+from nodes.base import ExecutorRegistry
+from nodes.python import PythonExecutor
+from streams.broker import EmbeddedBroker
+from streams.engine import Engine, EngineSettings
+from streams.kafka import KafkaSettings
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    kafka: KafkaSettings
+    engine: Engine
+    broker: EmbeddedBroker | None
+
+
+def kafka_settings(settings: Settings, bootstrap: str) -> KafkaSettings:
+    if settings.embedded:
+        return KafkaSettings.for_embedded(bootstrap, settings.partitions)
+    return KafkaSettings.for_cluster(bootstrap, settings.partitions)
+
+
+@contextlib.asynccontextmanager
+async def running_stack(settings: Settings) -> AsyncIterator[Stack]:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    broker = None
+    if settings.embedded:
+        broker = EmbeddedBroker(log_path=str(settings.home / "broker.log"))
+        await broker.start_async()
+        bootstrap = broker.bootstrap
+    else:
+        assert settings.kafka is not None
+        bootstrap = settings.kafka
+    kafka = kafka_settings(settings, bootstrap)
+    executors = ExecutorRegistry([PythonExecutor(max_concurrency=settings.executor_concurrency)])
+    engine = Engine(
+        EngineSettings(kafka=kafka, store_url=settings.event_store,
+                       datadir=str(settings.home / "faust"), group=settings.group,
+                       snapshot_interval=settings.snapshot_interval,
+                       executor_concurrency=settings.executor_concurrency),
+        executors,
+    )
+    try:
+        await engine.start()
+        yield Stack(settings=settings, kafka=kafka, engine=engine, broker=broker)
+    finally:
+        await engine.stop()
+        if broker is not None:
+            broker.stop()
+
+
+# A running `citadel up` announces itself here so `citadel run` can submit to it.
+
+def engine_file(settings: Settings) -> Path:
+    return settings.home / "engine.json"
+
+
+def announce(stack: Stack) -> None:
+    info = {"pid": os.getpid(), "bootstrap": stack.kafka.bootstrap,
+            "partitions": stack.kafka.partitions, "event_store": stack.settings.event_store}
+    engine_file(stack.settings).write_text(json.dumps(info))
+
+
+def withdraw(settings: Settings) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        engine_file(settings).unlink()
+
+
+def running_engine(settings: Settings) -> dict[str, Any] | None:
+    """The announcement of a live `citadel up` for this home, if there is one."""
+    try:
+        info: dict[str, Any] = json.loads(engine_file(settings).read_text())
+        os.kill(int(info["pid"]), 0)
+    except (FileNotFoundError, ValueError, KeyError, ProcessLookupError, PermissionError):
+        return None
+    return info

@@ -1,0 +1,405 @@
+"""The engine: the Faust agents of the Flow (decide, publish, dispatch/execute), timers, reconcile.
+
+decide   citadel.commands -> RunStore.decide (a batch per save, in the store thread)
+publish  the store's notification log -> citadel.run-events (+ node tasks, timers): an outbox
+execute  citadel.node-tasks -> an executor -> the result as a command
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
+
+from aggregates.ledger import Ledger, open_ledger
+from aggregates.run import Run
+from aggregates.store import REJECTED, RunStore
+from nodes.base import ExecutorRegistry
+from schemas.envelope import Envelope, EnvelopeError, decode, encode
+from schemas.tasks import NodeOutcome, NodeTask
+from streams.clock import Clock, SystemClock
+from streams.kafka import (
+    COMMANDS,
+    DEAD_LETTERS,
+    NODE_TASKS,
+    RUN_EVENTS,
+    KafkaSettings,
+    StreamApp,
+    ensure_topics,
+    producer,
+    stream_app,
+)
+from streams.timers import Timers
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+OUTBOX = "run-events"
+TERMINAL_EVENTS = frozenset({"Completed", "Failed", "Cancelled"})
+_EVENT_META = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    kafka: KafkaSettings
+    store_url: str
+    datadir: str
+    group: str = "citadel"
+    snapshot_interval: int = 100
+    decide_batch: int = 512
+    decide_queue: int = 4096
+    outbox_batch: int = 1000
+    outbox_poll_seconds: float = 0.05
+    executor_concurrency: int = 8
+    reconcile: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def event_envelope(domain_event: Any, tenant: str) -> Envelope:
+    """The wire form of a committed run event; its id (run:version) is stable across republishing."""
+    run_id = str(domain_event.originator_id)
+    version = int(domain_event.originator_version)
+    payload = {k: v for k, v in domain_event.__dict__.items() if k not in _EVENT_META}
+    return Envelope(id=f"{run_id}:{version}", type=type(domain_event).__name__, run_id=run_id,
+                    tenant=tenant, time=domain_event.timestamp, version=version, payload=payload)
+
+
+def task_from_event(run_id: str, tenant: str, workflow: str, payload: dict[str, Any]) -> NodeTask:
+    return NodeTask(run_id=run_id, tenant=tenant, workflow=workflow, node_id=payload["node_id"],
+                    node_type=payload["node_type"], attempt=payload["attempt"],
+                    attempt_id=payload["attempt_id"], config=payload["config"],
+                    inputs=payload["inputs"], timeout_seconds=payload["timeout_seconds"])
+
+
+def result_command(task: NodeTask, outcome: NodeOutcome) -> Envelope:
+    common = {"node_id": task.node_id, "attempt_id": task.attempt_id,
+              "duration_ms": outcome.duration_ms, "stdout": outcome.stdout, "stderr": outcome.stderr}
+    if outcome.ok:
+        kind, payload = "NodeSucceeded", {**common, "output": outcome.output}
+    else:
+        kind, payload = "NodeFailed", {**common, "error_class": outcome.error_class or "Error",
+                                       "message": outcome.error_message or ""}
+    return Envelope.new(kind, task.run_id, payload, id=f"{task.attempt_id}:result", tenant=task.tenant)
+
+
+class Engine:
+    def __init__(self, settings: EngineSettings, executors: ExecutorRegistry,
+                 clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.executors = executors
+        self.clock = clock or SystemClock()
+        self.store: RunStore | None = None
+        self.ledger: Ledger | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.app: StreamApp = self._build_app()
+        self.timers = Timers(self.clock, self._fire_timer)
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citadel-store")
+        self._decide_queue: asyncio.Queue[tuple[Any, Any]] = asyncio.Queue(settings.decide_queue)
+        self._outbox_wake = asyncio.Event()
+        self._runs: OrderedDict[str, tuple[str, str]] = OrderedDict()  # run id -> (tenant, workflow)
+        self._log_attempts: set[str] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.started = asyncio.Event()
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.store = await self._in_store(RunStore, settings.store_url, settings.snapshot_interval)
+        self.ledger = await self._in_store(open_ledger, settings.store_url)
+        await ensure_topics(settings.kafka)
+        self.producer = producer(settings.kafka)
+        await self.producer.start()
+        await self.executors.start()
+        if settings.reconcile:
+            await self.reconcile()
+        for coroutine in (self._decide_loop(), self._outbox_loop(), self.timers.run(),
+                          self.app.fetch_tuner.run()):
+            self._tasks.append(asyncio.create_task(coroutine))
+        await self.app.start()
+        await self._wait_for_assignment()
+        self.started.set()
+        log.info("engine started: broker %s, store %s", settings.kafka.bootstrap, settings.store_url)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        try:
+            await self.app.stop()
+        except Exception:  # a half-started Faust app may fail to stop; nothing is lost by it
+            log.debug("faust app stop failed", exc_info=True)
+        await self.executors.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+        if self.ledger is not None:
+            await self._in_store(self.ledger.close)
+        if self.store is not None:
+            await self._in_store(self.store.close)
+        self._io.shutdown(wait=True)
+
+    async def _wait_for_assignment(self, timeout: float = 60.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self.app.consumer.assignment():
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError("the engine's consumers got no partitions from the broker")
+            await asyncio.sleep(0.05)
+
+    async def _in_store(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, function, *args)
+
+    # ---- commands in -----------------------------------------------------
+
+    async def submit(self, command: Envelope) -> None:
+        """Publish a command and wait until the broker has it."""
+        assert self.producer is not None
+        await (await self._send(COMMANDS, command.run_id, encode(command)))
+
+    async def _send(self, topic: str, key: str, value: bytes) -> asyncio.Future[Any]:
+        assert self.producer is not None
+        self.app.fetch_tuner.activity()
+        future: asyncio.Future[Any] = await self.producer.send(topic, value, key=key.encode())
+        return future
+
+    async def dead_letter(self, source: str, message: Any, reason: str) -> None:
+        value = message.value if isinstance(message.value, bytes) else b""
+        record = {
+            "reason": reason,
+            "topic": source,
+            "partition": getattr(message, "partition", None),
+            "offset": getattr(message, "offset", None),
+            "key": (message.key or b"").decode("utf-8", "replace"),
+            "value": value.decode("utf-8", "replace") if _is_text(value) else None,
+            "value_base64": None if _is_text(value) else base64.b64encode(value).decode(),
+            "time": self.clock.now().isoformat(),
+        }
+        log.warning("dead letter from %s: %s", source, reason)
+        await (await self._send(DEAD_LETTERS, (message.key or b"").decode("utf-8", "replace"),
+                                orjson.dumps(record)))
+
+    # ---- decide ----------------------------------------------------------
+
+    def _build_app(self) -> StreamApp:
+        settings = self.settings
+        app = stream_app(settings.group, settings.kafka, settings.datadir)
+        commands = app.topic(COMMANDS, key_serializer="raw", value_serializer="raw",
+                             partitions=settings.kafka.partitions)
+        tasks = app.topic(NODE_TASKS, key_serializer="raw", value_serializer="raw",
+                          partitions=settings.kafka.partitions)
+        app.agent(commands, name="decide")(self._decide_agent)
+        app.agent(tasks, name="execute", concurrency=settings.executor_concurrency)(
+            self._execute_agent)
+        return app
+
+    async def _decide_agent(self, stream: Any) -> None:
+        # One ordered queue per process keeps each partition's order; the bounded queue is
+        # the backpressure: when decide falls behind, the agent stops pulling.
+        manual = stream.noack()
+        async for event in manual.events():
+            await self._decide_queue.put((manual, event))
+
+    async def _decide_loop(self) -> None:
+        queue = self._decide_queue
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < self.settings.decide_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            try:
+                await self._decide_batch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The store is unreachable or broken: nothing was acked, so the commands are
+                # redelivered after a restart; keep the loop alive and retry this batch.
+                log.exception("deciding a batch of %d commands failed; retrying", len(batch))
+                await asyncio.sleep(1.0)
+                for item in reversed(batch):
+                    queue._queue.appendleft(item)  # type: ignore[attr-defined]
+
+    async def _decide_batch(self, batch: list[tuple[Any, Any]]) -> None:
+        assert self.store is not None
+        self.app.fetch_tuner.activity()
+        commands: list[Envelope] = []
+        for _, event in batch:
+            try:
+                commands.append(decode(event.message.value))
+            except EnvelopeError as exc:
+                await self.dead_letter(COMMANDS, event.message, f"undecodable command: {exc}")
+        if commands:
+            verdicts = await self._in_store(self.store.decide, commands, self.clock.now())
+            self._outbox_wake.set()
+            for verdict in verdicts:
+                if verdict.outcome == REJECTED:
+                    await self.dead_letter(COMMANDS, _Raw(verdict.command), verdict.reason)
+        for stream, event in batch:
+            await stream.ack(event)
+
+    # ---- publish (outbox) ------------------------------------------------
+
+    async def _outbox_loop(self) -> None:
+        assert self.ledger is not None
+        position = await self._in_store(self.ledger.position, OUTBOX)
+        while True:
+            try:
+                position = await self._publish_from(position)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("publishing run events failed; retrying from position %d", position)
+                await asyncio.sleep(1.0)
+
+    async def _publish_from(self, position: int) -> int:
+        assert self.store is not None and self.ledger is not None
+        notifications = await self._in_store(
+            self.store.recorder.select_notifications, position + 1, self.settings.outbox_batch)
+        if not notifications:
+            self._outbox_wake.clear()
+            try:
+                await asyncio.wait_for(self._outbox_wake.wait(), self.settings.outbox_poll_seconds)
+            except TimeoutError:
+                pass
+            return position
+        started: list[str] = []
+        finished: list[str] = []
+        deliveries = []
+        for notification in notifications:
+            if not notification.topic.startswith("aggregates.run:"):
+                continue
+            domain_event = self.store.mapper.to_domain_event(notification)
+            run_id = str(domain_event.originator_id)
+            tenant, workflow = await self._run_identity(run_id, domain_event)
+            envelope = event_envelope(domain_event, tenant)
+            deliveries.append(await self._send(RUN_EVENTS, run_id, encode(envelope)))
+            deliveries.extend(await self._follow_up(envelope, workflow))
+            if envelope.type == "Started":
+                started.append(run_id)
+            elif envelope.type in TERMINAL_EVENTS:
+                finished.append(run_id)
+                self._runs.pop(run_id, None)
+        await asyncio.gather(*deliveries)
+        last = notifications[-1].id
+        await self._in_store(self.ledger.advance, OUTBOX, last, started, finished)
+        return int(last)
+
+    async def _follow_up(self, envelope: Envelope, workflow: str) -> list[asyncio.Future[Any]]:
+        """What a committed event sets in motion: a node task, a timer, a log line."""
+        payload = envelope.payload
+        if envelope.type == "NodeScheduled":
+            if not payload["inline"]:
+                task = task_from_event(envelope.run_id, envelope.tenant, workflow, payload)
+                return [await self._send(NODE_TASKS, envelope.run_id, task.model_dump_json().encode())]
+            if payload["node_type"] == "log":
+                self._log_attempts.add(payload["attempt_id"])
+        elif envelope.type == "RetryScheduled":
+            self.timers.arm(payload["timer_id"], envelope.run_id, envelope.tenant,
+                            dt.datetime.fromisoformat(payload["due_at"]))
+        elif envelope.type == "NodeSucceeded" and payload["attempt_id"] in self._log_attempts:
+            self._log_attempts.discard(payload["attempt_id"])
+            output = payload.get("output") or {}
+            level = logging.getLevelName(str(output.get("level", "info")).upper())
+            logging.getLogger("citadel.run").log(
+                level if isinstance(level, int) else logging.INFO, "[%s %s] %s",
+                workflow, payload["node_id"], output.get("message"))
+        return []
+
+    async def _run_identity(self, run_id: str, domain_event: Any) -> tuple[str, str]:
+        if type(domain_event).__name__ == "Started":
+            identity = (domain_event.tenant, domain_event.workflow)
+        elif run_id in self._runs:
+            return self._runs[run_id]
+        else:
+            assert self.store is not None
+            run = await self._in_store(self.store.run, run_id)
+            identity = (run.tenant, run.workflow)
+        self._runs[run_id] = identity
+        while len(self._runs) > 100_000:
+            self._runs.popitem(last=False)
+        return identity
+
+    # ---- timers ----------------------------------------------------------
+
+    async def _fire_timer(self, timer_id: str, run_id: str, tenant: str) -> None:
+        command = Envelope.new("TimerFired", run_id, {"timer_id": timer_id}, id=f"{timer_id}:fired",
+                               tenant=tenant, time=self.clock.now())
+        await self.submit(command)
+
+    # ---- execute ---------------------------------------------------------
+
+    async def _execute_agent(self, stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                task = NodeTask.model_validate_json(event.message.value or b"")
+            except ValidationError as exc:
+                await self.dead_letter(NODE_TASKS, event.message, f"undecodable node task: {exc}")
+                continue
+            started = Envelope.new("AttemptStarted", task.run_id,
+                                   {"node_id": task.node_id, "attempt_id": task.attempt_id},
+                                   id=f"{task.attempt_id}:started", tenant=task.tenant)
+            await self._send(COMMANDS, task.run_id, encode(started))
+            outcome = await self.executors.execute(task)
+            # Awaiting delivery before the task is acked: a result is never lost, at worst repeated.
+            await self.submit(result_command(task, outcome))
+
+    # ---- reconcile -------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Dispatch unfinished attempts and re-arm timers of every active run (after any restart)."""
+        assert self.ledger is not None and self.store is not None
+        active = await self._in_store(self.ledger.active_runs)
+        runs: list[Run] = await self._in_store(_load_runs, self.store, active)
+        deliveries = []
+        for run in runs:
+            for attempt in run.unfinished_attempts():
+                node = attempt["node"]
+                task = NodeTask(run_id=run.run_id, tenant=run.tenant, workflow=run.workflow,
+                                node_id=node.id, node_type=node.type, attempt=attempt["attempt"],
+                                attempt_id=attempt["attempt_id"], config=node.config,
+                                inputs=attempt["inputs"], timeout_seconds=node.timeout_seconds)
+                deliveries.append(await self._send(NODE_TASKS, run.run_id,
+                                                   task.model_dump_json().encode()))
+            for timer_id, timer in run.timers.items():
+                self.timers.arm(timer_id, run.run_id, run.tenant,
+                                dt.datetime.fromisoformat(timer["due_at"]))
+        await asyncio.gather(*deliveries)
+        if runs:
+            log.info("reconciled %d active run(s): %d attempt(s) dispatched again, %d timer(s)",
+                     len(runs), len(deliveries), len(self.timers))
+
+
+def _load_runs(store: RunStore, run_ids: list[str]) -> list[Run]:
+    runs = []
+    for run_id in run_ids:
+        try:
+            run = store.run(run_id)
+        except KeyError:
+            continue
+        if run.status == "running":
+            runs.append(run)
+    return runs
+
+
+def _is_text(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class _Raw:
+    """A rejected command shaped like a Kafka message, for its dead letter."""
+
+    def __init__(self, command: Envelope) -> None:
+        self.key = command.run_id.encode()
+        self.value = encode(command)

@@ -1,0 +1,153 @@
+"""Kafka plumbing: topic names, client settings, and a Faust app whose consumers we can tune.
+
+Faust 0.15 hard-codes a 1.5 s fetch wait for worker consumers. On the embedded broker a
+waiting fetch is not answered when data arrives, so every hop would cost that wait; our
+transport builds the consumer with the wait from settings and lets it change at run time
+(short while busy, long while idle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+COMMANDS = "citadel.commands"
+RUN_EVENTS = "citadel.run-events"
+NODE_TASKS = "citadel.node-tasks"
+DEAD_LETTERS = "citadel.dead-letters"
+TOPICS = (COMMANDS, RUN_EVENTS, NODE_TASKS, DEAD_LETTERS)
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap: str
+    partitions: int = 8
+    # The embedded broker holds every JoinGroup for session_timeout/2: keep it short there.
+    session_timeout: float = 6.0
+    heartbeat_interval: float = 1.0
+    fetch_wait_busy_ms: int = 2
+    fetch_wait_idle_ms: int = 100
+    idle_after_seconds: float = 1.0
+
+    @classmethod
+    def for_embedded(cls, bootstrap: str, partitions: int = 8) -> KafkaSettings:
+        return cls(bootstrap=bootstrap, partitions=partitions)
+
+    @classmethod
+    def for_cluster(cls, bootstrap: str, partitions: int = 16) -> KafkaSettings:
+        # A real broker answers a waiting fetch as soon as data arrives: waiting long costs nothing.
+        return cls(bootstrap=bootstrap, partitions=partitions, session_timeout=30.0,
+                   heartbeat_interval=3.0, fetch_wait_busy_ms=500, fetch_wait_idle_ms=500)
+
+
+class FetchTuner:
+    """Keeps the fetch wait of our consumers short while messages flow and long when idle."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self.consumers: list[Any] = []
+        self._last_activity = 0.0
+        self._busy = False
+
+    def register(self, consumer: Any) -> None:
+        consumer._fetch_max_wait_ms = self.settings.fetch_wait_idle_ms
+        self.consumers.append(consumer)
+
+    def activity(self) -> None:
+        self._last_activity = time.monotonic()
+        if not self._busy:
+            self._set(self.settings.fetch_wait_busy_ms)
+            self._busy = True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.idle_after_seconds / 2)
+            if self._busy and time.monotonic() - self._last_activity > self.settings.idle_after_seconds:
+                self._set(self.settings.fetch_wait_idle_ms)
+                self._busy = False
+
+    def _set(self, wait_ms: int) -> None:
+        for consumer in self.consumers:
+            consumer._fetch_max_wait_ms = wait_ms
+            fetcher = getattr(consumer, "_fetcher", None)
+            if fetcher is not None:
+                fetcher._fetch_max_wait_ms = wait_ms
+
+
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        self.app.fetch_tuner.register(consumer)
+        return consumer
+
+
+class _Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> Any:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(faust_aiokafka.Transport):
+    Consumer = _Consumer
+
+
+class StreamApp(faust.App):
+    """A Faust app on our transport; `fetch_tuner` adjusts its consumers' fetch wait."""
+
+    fetch_tuner: FetchTuner
+
+    def _new_transport(self) -> Any:
+        return _Transport(self.conf.broker_consumer, self)
+
+    def _new_producer_transport(self) -> Any:
+        return _Transport(self.conf.broker_producer, self)
+
+
+def stream_app(name: str, settings: KafkaSettings, datadir: str) -> StreamApp:
+    app = StreamApp(
+        name,
+        broker=f"kafka://{settings.bootstrap}",
+        web_enabled=False,
+        autodiscover=False,
+        datadir=datadir,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        broker_session_timeout=settings.session_timeout,
+        broker_heartbeat_interval=settings.heartbeat_interval,
+        broker_request_timeout=max(40.0, settings.session_timeout * 2),
+        consumer_auto_offset_reset="earliest",
+        producer_linger_ms=0,
+        stream_wait_empty=False,
+        broker_commit_interval=0.5,
+    )
+    app.fetch_tuner = FetchTuner(settings)
+    return app
+
+
+async def ensure_topics(settings: KafkaSettings, topics: tuple[str, ...] = TOPICS) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(t, settings.partitions, 1) for t in topics if t not in existing]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+def producer(settings: KafkaSettings) -> AIOKafkaProducer:
+    # acks=all and no idempotence: the embedded broker fails InitProducerId; duplicates are
+    # harmless because every consumer dedupes by command id or (run, version).
+    return AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all", linger_ms=0,
+                            enable_idempotence=False, max_batch_size=256 * 1024)

@@ -1,0 +1,67 @@
+"""Follow one run's committed events on `citadel.run-events`, from its first event on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+
+from schemas.envelope import Envelope, EnvelopeError, decode
+from streams.kafka import DEAD_LETTERS, RUN_EVENTS
+
+TERMINAL = frozenset({"Completed", "Failed", "Cancelled"})
+
+
+class CommandRejected(Exception):
+    """The engine dead-lettered the command that was to start or change the run."""
+
+
+async def watch_run(
+    bootstrap: str, run_id: str, partitions: int, command_id: str | None = None
+) -> AsyncIterator[Envelope]:
+    """Yield the run's events in order, once each, until a terminal event (inclusive).
+
+    With `command_id`, a dead letter for that command raises CommandRejected with its reason.
+    """
+    key = run_id.encode()
+    partition = DefaultPartitioner()(key, list(range(partitions)), list(range(partitions)))
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                fetch_max_wait_ms=5, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        events, dead = TopicPartition(RUN_EVENTS, partition), TopicPartition(DEAD_LETTERS, partition)
+        consumer.assign([events, dead])
+        await consumer.seek_to_beginning(events, dead)
+        seen = 0  # versions arrive in order; republished duplicates have versions already seen
+        async for message in consumer:
+            if message.key != key:
+                continue
+            if message.topic == DEAD_LETTERS:
+                _raise_if_rejected(message.value, command_id)
+                continue
+            try:
+                envelope = decode(message.value)
+            except EnvelopeError:
+                continue
+            if envelope.version is None or envelope.version <= seen:
+                continue
+            seen = envelope.version
+            yield envelope
+            if envelope.type in TERMINAL:
+                return
+    finally:
+        await consumer.stop()
+
+
+def _raise_if_rejected(value: bytes | None, command_id: str | None) -> None:
+    if command_id is None or not value:
+        return
+    try:
+        letter = orjson.loads(value)
+        rejected = orjson.loads(letter.get("value") or "{}").get("id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return
+    if rejected == command_id:
+        raise CommandRejected(str(letter.get("reason")))
