@@ -23,7 +23,7 @@ from citadel.settings import Settings
 from citadel.stack import announce, running_engine, running_stack, withdraw
 from schemas.definition import DefinitionInvalid, definition_json_schema, parse_definition
 from schemas.envelope import Envelope, command_json_schema, encode
-from streams.kafka import COMMANDS
+from streams.kafka import COMMANDS, KafkaSettings
 from streams.watch import CommandRejected
 
 app = typer.Typer(
@@ -133,26 +133,27 @@ def run(
 
 
 async def _run(settings: Settings, command: Envelope) -> RunReport:
-    engine = running_engine(settings)
-    if engine is not None:
-        producer = AIOKafkaProducer(bootstrap_servers=engine["bootstrap"], acks="all")
+    kafka = running_engine(settings)
+    if kafka is not None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
         await producer.start()
         try:
-            await producer.send_and_wait(COMMANDS, encode(command), key=command.run_id.encode())
+            await producer.send_and_wait(kafka.topic(COMMANDS), encode(command),
+                                         key=command.run_id.encode())
         finally:
             await producer.stop()
-        return await _follow_with_progress(engine["bootstrap"], engine["partitions"], command)
+        return await _follow_with_progress(kafka, command)
     with err.status("starting the embedded engine…"):
         stack_cm = running_stack(settings)
         stack = await stack_cm.__aenter__()
     try:
         await stack.engine.submit(command)
-        return await _follow_with_progress(stack.kafka.bootstrap, stack.kafka.partitions, command)
+        return await _follow_with_progress(stack.kafka, command)
     finally:
         await stack_cm.__aexit__(None, None, None)
 
 
-async def _follow_with_progress(bootstrap: str, partitions: int, command: Envelope) -> RunReport:
+async def _follow_with_progress(kafka: KafkaSettings, command: Envelope) -> RunReport:
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
     with progress:
@@ -164,7 +165,7 @@ async def _follow_with_progress(bootstrap: str, partitions: int, command: Envelo
             progress.update(bar, total=len(report.nodes) or None, completed=report.done,
                             description=f"run {command.run_id[:8]}: {what}")
 
-        return await follow(bootstrap, partitions, command.run_id, command.id, on_event=update)
+        return await follow(kafka, command.run_id, command.id, on_event=update)
 
 
 def _print_report(report: RunReport, as_json: bool) -> None:
@@ -222,7 +223,7 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     with err.status("starting the engine…"):
-        stack_cm = running_stack(settings)
+        stack_cm = running_stack(settings, keep_broker=announce_self)
         stack = await stack_cm.__aenter__()
     try:
         if announce_self:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.envelope import Envelope
+from streams.kafka import KafkaSettings
 from streams.watch import watch_run
 
 
@@ -73,12 +74,11 @@ def start_command(definition: dict[str, Any], run_input: dict[str, Any], tenant:
                         tenant=tenant)
 
 
-async def follow(bootstrap: str, partitions: int, run_id: str, command_id: str | None = None,
-                 *,
+async def follow(kafka: KafkaSettings, run_id: str, command_id: str | None = None, *,
                  on_event: Callable[[RunReport, Envelope], Awaitable[None] | None] | None = None
                  ) -> RunReport:
     report = RunReport(run_id)
-    async for event in watch_run(bootstrap, run_id, partitions, command_id):
+    async for event in watch_run(kafka, run_id, command_id):
         report.apply(event)
         if on_event is not None:
             result = on_event(report, event)

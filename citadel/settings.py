@@ -16,6 +16,7 @@ class Settings(BaseModel):
     executor_concurrency: int = Field(ge=1, le=1024)
     snapshot_interval: int = Field(ge=2)
     group: str
+    namespace: str = Field(description="prefix of every topic name (CITADEL_TOPIC_PREFIX)")
     log_level: str
 
     @property
@@ -34,5 +35,6 @@ class Settings(BaseModel):
             executor_concurrency=int(env.get("CITADEL_EXECUTOR_CONCURRENCY", str(2 * (os.cpu_count() or 2)))),
             snapshot_interval=int(env.get("CITADEL_SNAPSHOT_INTERVAL", "100")),
             group=env.get("CITADEL_GROUP", "citadel"),
+            namespace=env.get("CITADEL_TOPIC_PREFIX", ""),
             log_level=env.get("CITADEL_LOG_LEVEL", "WARNING"),
         )

@@ -28,17 +28,22 @@ class Stack:
 
 def kafka_settings(settings: Settings, bootstrap: str) -> KafkaSettings:
     if settings.embedded:
-        return KafkaSettings.for_embedded(bootstrap, settings.partitions)
-    return KafkaSettings.for_cluster(bootstrap, settings.partitions)
+        return KafkaSettings.for_embedded(bootstrap, settings.partitions, settings.namespace)
+    return KafkaSettings.for_cluster(bootstrap, settings.partitions, settings.namespace)
 
 
 @contextlib.asynccontextmanager
-async def running_stack(settings: Settings) -> AsyncIterator[Stack]:
+async def running_stack(settings: Settings, keep_broker: bool = False) -> AsyncIterator[Stack]:
+    """Start everything; with `keep_broker`, the embedded broker outlives a crash of this process."""
     settings.home.mkdir(parents=True, exist_ok=True)
     broker = None
     if settings.embedded:
-        broker = EmbeddedBroker(log_path=str(settings.home / "broker.log"))
-        await broker.start_async()
+        broker = _adopt_broker(settings) if keep_broker else None
+        if broker is None:
+            broker = EmbeddedBroker(log_path=str(settings.home / "broker.log"), detached=keep_broker)
+            await broker.start_async()
+            if keep_broker:
+                _broker_file(settings).write_text(json.dumps({"port": broker.port, "pid": broker.pid}))
         bootstrap = broker.bootstrap
     else:
         assert settings.kafka is not None
@@ -59,6 +64,20 @@ async def running_stack(settings: Settings) -> AsyncIterator[Stack]:
         await engine.stop()
         if broker is not None:
             broker.stop()
+            with contextlib.suppress(FileNotFoundError):
+                _broker_file(settings).unlink()
+
+
+def _broker_file(settings: Settings) -> Path:
+    return settings.home / "broker.json"
+
+
+def _adopt_broker(settings: Settings) -> EmbeddedBroker | None:
+    try:
+        info = json.loads(_broker_file(settings).read_text())
+        return EmbeddedBroker.adopt(int(info["port"]), int(info["pid"]))
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
 
 
 # A running `citadel up` announces itself here so `citadel run` can submit to it.
@@ -69,7 +88,8 @@ def engine_file(settings: Settings) -> Path:
 
 def announce(stack: Stack) -> None:
     info = {"pid": os.getpid(), "bootstrap": stack.kafka.bootstrap,
-            "partitions": stack.kafka.partitions, "event_store": stack.settings.event_store}
+            "partitions": stack.kafka.partitions, "namespace": stack.kafka.namespace,
+            "event_store": stack.settings.event_store}
     engine_file(stack.settings).write_text(json.dumps(info))
 
 
@@ -78,11 +98,11 @@ def withdraw(settings: Settings) -> None:
         engine_file(settings).unlink()
 
 
-def running_engine(settings: Settings) -> dict[str, Any] | None:
-    """The announcement of a live `citadel up` for this home, if there is one."""
+def running_engine(settings: Settings) -> KafkaSettings | None:
+    """Where a live `citadel up` for this home listens, if there is one."""
     try:
         info: dict[str, Any] = json.loads(engine_file(settings).read_text())
         os.kill(int(info["pid"]), 0)
     except (FileNotFoundError, ValueError, KeyError, ProcessLookupError, PermissionError):
         return None
-    return info
+    return kafka_settings(settings, info["bootstrap"])

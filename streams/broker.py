@@ -37,10 +37,36 @@ def _die_with_parent() -> None:
 
 
 class EmbeddedBroker:
-    def __init__(self, port: int | None = None, log_path: str | None = None) -> None:
+    """The bundled broker as a child process.
+
+    Attached (the default) it dies with us. Detached it outlives a crashed engine, so the
+    commands it acknowledged are still there when the engine restarts and adopts it.
+    """
+
+    def __init__(self, port: int | None = None, log_path: str | None = None,
+                 detached: bool = False) -> None:
         self.port = port or free_port()
         self._log_path = log_path
+        self._detached = detached
         self._process: subprocess.Popen[bytes] | None = None
+        self._adopted_pid: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else self._adopted_pid
+
+    @classmethod
+    def adopt(cls, port: int, pid: int) -> EmbeddedBroker | None:
+        """A broker left running by an earlier engine, if it is alive and answering."""
+        try:
+            os.kill(pid, 0)
+            with socket.create_connection(("127.0.0.1", port), 0.5):
+                pass
+        except OSError:
+            return None
+        broker = cls(port=port, detached=True)
+        broker._adopted_pid = pid
+        return broker
 
     @property
     def bootstrap(self) -> str:
@@ -57,7 +83,9 @@ class EmbeddedBroker:
         self._process = subprocess.Popen(
             [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
-            stdout=output, stderr=output, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            stdout=output, stderr=output, stdin=subprocess.DEVNULL,
+            preexec_fn=None if self._detached else _die_with_parent,
+            start_new_session=self._detached,
             env={**os.environ, "RUST_LOG": os.environ.get("CITADEL_BROKER_LOG", "warn")},
         )
         deadline = time.monotonic() + timeout
@@ -78,6 +106,11 @@ class EmbeddedBroker:
         await asyncio.to_thread(self.start, timeout)
 
     def stop(self) -> None:
+        if self._adopted_pid is not None:
+            pid, self._adopted_pid = self._adopted_pid, None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            return
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return

@@ -164,7 +164,10 @@ class Engine:
     async def submit(self, command: Envelope) -> None:
         """Publish a command and wait until the broker has it."""
         assert self.producer is not None
-        await (await self._send(COMMANDS, command.run_id, encode(command)))
+        await (await self._send(self._topic(COMMANDS), command.run_id, encode(command)))
+
+    def _topic(self, name: str) -> str:
+        return self.settings.kafka.topic(name)
 
     async def _send(self, topic: str, key: str, value: bytes) -> asyncio.Future[Any]:
         assert self.producer is not None
@@ -185,7 +188,7 @@ class Engine:
             "time": self.clock.now().isoformat(),
         }
         log.warning("dead letter from %s: %s", source, reason)
-        await (await self._send(DEAD_LETTERS, (message.key or b"").decode("utf-8", "replace"),
+        await (await self._send(self._topic(DEAD_LETTERS), (message.key or b"").decode("utf-8", "replace"),
                                 orjson.dumps(record)))
 
     # ---- decide ----------------------------------------------------------
@@ -193,10 +196,10 @@ class Engine:
     def _build_app(self) -> StreamApp:
         settings = self.settings
         app = stream_app(settings.group, settings.kafka, settings.datadir)
-        commands = app.topic(COMMANDS, key_serializer="raw", value_serializer="raw",
-                             partitions=settings.kafka.partitions)
-        tasks = app.topic(NODE_TASKS, key_serializer="raw", value_serializer="raw",
-                          partitions=settings.kafka.partitions)
+        commands = app.topic(settings.kafka.topic(COMMANDS), key_serializer="raw",
+                             value_serializer="raw", partitions=settings.kafka.partitions)
+        tasks = app.topic(settings.kafka.topic(NODE_TASKS), key_serializer="raw",
+                          value_serializer="raw", partitions=settings.kafka.partitions)
         app.agent(commands, name="decide")(self._decide_agent)
         app.agent(tasks, name="execute", concurrency=settings.executor_concurrency)(
             self._execute_agent)
@@ -280,7 +283,7 @@ class Engine:
             run_id = str(domain_event.originator_id)
             tenant, workflow = await self._run_identity(run_id, domain_event)
             envelope = event_envelope(domain_event, tenant)
-            deliveries.append(await self._send(RUN_EVENTS, run_id, encode(envelope)))
+            deliveries.append(await self._send(self._topic(RUN_EVENTS), run_id, encode(envelope)))
             deliveries.extend(await self._follow_up(envelope, workflow))
             if envelope.type == "Started":
                 started.append(run_id)
@@ -298,7 +301,8 @@ class Engine:
         if envelope.type == "NodeScheduled":
             if not payload["inline"]:
                 task = task_from_event(envelope.run_id, envelope.tenant, workflow, payload)
-                return [await self._send(NODE_TASKS, envelope.run_id, task.model_dump_json().encode())]
+                return [await self._send(self._topic(NODE_TASKS), envelope.run_id,
+                                         task.model_dump_json().encode())]
             if payload["node_type"] == "log":
                 self._log_attempts.add(payload["attempt_id"])
         elif envelope.type == "RetryScheduled":
@@ -346,7 +350,7 @@ class Engine:
             started = Envelope.new("AttemptStarted", task.run_id,
                                    {"node_id": task.node_id, "attempt_id": task.attempt_id},
                                    id=f"{task.attempt_id}:started", tenant=task.tenant)
-            await self._send(COMMANDS, task.run_id, encode(started))
+            await self._send(self._topic(COMMANDS), task.run_id, encode(started))
             outcome = await self.executors.execute(task)
             # Awaiting delivery before the task is acked: a result is never lost, at worst repeated.
             await self.submit(result_command(task, outcome))
@@ -366,7 +370,7 @@ class Engine:
                                 node_id=node.id, node_type=node.type, attempt=attempt["attempt"],
                                 attempt_id=attempt["attempt_id"], config=node.config,
                                 inputs=attempt["inputs"], timeout_seconds=node.timeout_seconds)
-                deliveries.append(await self._send(NODE_TASKS, run.run_id,
+                deliveries.append(await self._send(self._topic(NODE_TASKS), run.run_id,
                                                    task.model_dump_json().encode()))
             for timer_id, timer in run.timers.items():
                 self.timers.arm(timer_id, run.run_id, run.tenant,

@@ -30,6 +30,8 @@ TOPICS = (COMMANDS, RUN_EVENTS, NODE_TASKS, DEAD_LETTERS)
 class KafkaSettings:
     bootstrap: str
     partitions: int = 8
+    # Prefixed to every topic name, so several engines (or test sessions) can share a cluster.
+    namespace: str = ""
     # The embedded broker holds every JoinGroup for session_timeout/2: keep it short there.
     session_timeout: float = 6.0
     heartbeat_interval: float = 1.0
@@ -37,15 +39,19 @@ class KafkaSettings:
     fetch_wait_idle_ms: int = 100
     idle_after_seconds: float = 1.0
 
-    @classmethod
-    def for_embedded(cls, bootstrap: str, partitions: int = 8) -> KafkaSettings:
-        return cls(bootstrap=bootstrap, partitions=partitions)
+    def topic(self, name: str) -> str:
+        return f"{self.namespace}{name}"
 
     @classmethod
-    def for_cluster(cls, bootstrap: str, partitions: int = 16) -> KafkaSettings:
+    def for_embedded(cls, bootstrap: str, partitions: int = 8, namespace: str = "") -> KafkaSettings:
+        return cls(bootstrap=bootstrap, partitions=partitions, namespace=namespace)
+
+    @classmethod
+    def for_cluster(cls, bootstrap: str, partitions: int = 16, namespace: str = "") -> KafkaSettings:
         # A real broker answers a waiting fetch as soon as data arrives: waiting long costs nothing.
-        return cls(bootstrap=bootstrap, partitions=partitions, session_timeout=30.0,
-                   heartbeat_interval=3.0, fetch_wait_busy_ms=500, fetch_wait_idle_ms=500)
+        return cls(bootstrap=bootstrap, partitions=partitions, namespace=namespace,
+                   session_timeout=30.0, heartbeat_interval=3.0, fetch_wait_busy_ms=500,
+                   fetch_wait_idle_ms=500)
 
 
 class FetchTuner:
@@ -136,7 +142,8 @@ async def ensure_topics(settings: KafkaSettings, topics: tuple[str, ...] = TOPIC
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(t, settings.partitions, 1) for t in topics if t not in existing]
+        names = [settings.topic(t) for t in topics]
+        missing = [NewTopic(t, settings.partitions, 1) for t in names if t not in existing]
         if missing:
             try:
                 await admin.create_topics(missing)

@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.envelope import Envelope, EnvelopeError, decode
-from streams.kafka import DEAD_LETTERS, RUN_EVENTS
+from streams.kafka import DEAD_LETTERS, RUN_EVENTS, KafkaSettings
 
 TERMINAL = frozenset({"Completed", "Failed", "Cancelled"})
 
@@ -19,26 +19,28 @@ class CommandRejected(Exception):
 
 
 async def watch_run(
-    bootstrap: str, run_id: str, partitions: int, command_id: str | None = None
+    kafka: KafkaSettings, run_id: str, command_id: str | None = None
 ) -> AsyncIterator[Envelope]:
     """Yield the run's events in order, once each, until a terminal event (inclusive).
 
     With `command_id`, a dead letter for that command raises CommandRejected with its reason.
     """
     key = run_id.encode()
-    partition = DefaultPartitioner()(key, list(range(partitions)), list(range(partitions)))
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    partitions = list(range(kafka.partitions))
+    partition = DefaultPartitioner()(key, partitions, partitions)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, enable_auto_commit=False,
                                 fetch_max_wait_ms=5, auto_offset_reset="earliest")
     await consumer.start()
     try:
-        events, dead = TopicPartition(RUN_EVENTS, partition), TopicPartition(DEAD_LETTERS, partition)
+        events = TopicPartition(kafka.topic(RUN_EVENTS), partition)
+        dead = TopicPartition(kafka.topic(DEAD_LETTERS), partition)
         consumer.assign([events, dead])
         await consumer.seek_to_beginning(events, dead)
         seen = 0  # versions arrive in order; republished duplicates have versions already seen
         async for message in consumer:
             if message.key != key:
                 continue
-            if message.topic == DEAD_LETTERS:
+            if message.topic == dead.topic:
                 _raise_if_rejected(message.value, command_id)
                 continue
             try:
