@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 from typing import Any, Protocol
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 
 class Ledger(Protocol):
@@ -76,8 +76,13 @@ class SQLiteLedger:
 class PostgresLedger:
     def __init__(self, url: str) -> None:
         import psycopg
+        from psycopg import sql
 
-        self._db: Any = psycopg.connect(url, autocommit=True)
+        parsed = urlparse(url)
+        schema = parse_qs(parsed.query).get("schema", [""])[0]
+        self._db: Any = psycopg.connect(parsed._replace(query="").geturl(), autocommit=True)
+        if schema:
+            self._db.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
         for statement in _TABLES:
             self._db.execute(statement)
 

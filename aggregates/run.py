@@ -107,7 +107,8 @@ class Run(Aggregate):
 
     def attempt_started(self, node_id: str, attempt_id: str, command_id: str) -> None:
         state = self._node_of_attempt(node_id, attempt_id)
-        if self.status != RUNNING or state["attempt_id"] != attempt_id or state.get("started"):
+        if (self.status != RUNNING or state["attempt_id"] != attempt_id
+                or state["status"] != "scheduled" or state.get("started")):
             return  # late or repeated news about an attempt: nothing to decide
         self._attempt_started(node_id=node_id, attempt_id=attempt_id, command_id=command_id)
 

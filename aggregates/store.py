@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
@@ -51,7 +51,10 @@ class Verdict:
 
 
 def persistence_env(url: str) -> dict[str, str]:
-    """The `eventsourcing` settings for a store URL: sqlite:///path or postgresql://user@host/db."""
+    """The `eventsourcing` settings for a store URL: sqlite:///path or postgresql://user@host/db.
+
+    A PostgreSQL URL may name a schema with `?schema=NAME` (it must exist).
+    """
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         path = Path(unquote(parsed.path))
@@ -59,8 +62,10 @@ def persistence_env(url: str) -> dict[str, str]:
         return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(path),
                 "SQLITE_LOCK_TIMEOUT": "30"}
     if parsed.scheme in ("postgresql", "postgres"):
+        schema = parse_qs(parsed.query).get("schema", [""])[0]
         return {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_SCHEMA": schema,
             "POSTGRES_DBNAME": parsed.path.lstrip("/") or "postgres",
             "POSTGRES_HOST": parsed.hostname or "127.0.0.1",
             "POSTGRES_PORT": str(parsed.port or 5432),
@@ -153,7 +158,6 @@ class RunStore(Application[uuid.UUID]):
             if self._get(key, touched) is not None:
                 return DUPLICATE
             definition = self._definition_for(payload, touched)
-            _check_input(definition, payload.input)
             touched[key] = Run.start(command.run_id, definition, payload.input, command.tenant,
                                      command.id, now)
             return APPLIED
@@ -173,6 +177,7 @@ class RunStore(Application[uuid.UUID]):
     ) -> WorkflowDefinition:
         if payload.definition is not None:
             definition = parse_definition(payload.definition)
+            _check_input(definition, payload.input)  # before deploying: a rejected start changes nothing
             key = workflow_id(definition.name)
             workflow = self._get(key, touched)
             if not isinstance(workflow, Workflow):
@@ -185,7 +190,12 @@ class RunStore(Application[uuid.UUID]):
         workflow = self._get(workflow_id(payload.workflow), touched)
         if not isinstance(workflow, Workflow):
             raise Rejected(f"no workflow {payload.workflow!r} is deployed")
-        return workflow.definition(payload.workflow_version)
+        try:
+            definition = workflow.definition(payload.workflow_version)
+        except KeyError as exc:
+            raise Rejected(exc.args[0]) from None
+        _check_input(definition, payload.input)
+        return definition
 
     def deploy(self, definition: WorkflowDefinition) -> bool:
         """Deploy a definition version outside of a run (CLI, gateway)."""
@@ -213,6 +223,8 @@ class RunStore(Application[uuid.UUID]):
         return aggregate
 
     def _remember(self, key: uuid.UUID, aggregate: Run | Workflow) -> None:
+        if isinstance(aggregate, Workflow):
+            return  # other processes (gateway, CLI) deploy versions: always read workflows fresh
         self._cache[key] = aggregate
         self._cache.move_to_end(key)
         if isinstance(aggregate, Run) and aggregate.status != "running":

@@ -218,8 +218,9 @@ def parse_definition(document: Any, source: str = "definition") -> WorkflowDefin
             {**header, "nodes": raw_nodes if not isinstance(raw_nodes, list) else nodes or raw_nodes}
         )
     except ValidationError as exc:
+        # Node problems were reported node by node above.
         problems.extend(
-            _problems_from(exc, prefix="", skip_nodes=isinstance(raw_nodes, list) and bool(nodes))
+            _problems_from(exc, prefix="", skip_nodes=isinstance(raw_nodes, list) and bool(raw_nodes))
         )
         definition = None
     if isinstance(raw_nodes, list) and not raw_nodes:
@@ -320,18 +321,21 @@ def _check_graph(nodes: list[Node], declared: set[str], outputs: Any) -> list[Pr
         upstream = _upstream(by_id, node.id)
         for field, source in node.expressions():
             problems.extend(
-                _check_expression(f"nodes.{node.id}.{field}", source, upstream, declared, node.id)
+                _check_expression(f"nodes.{node.id}.{field}", source, upstream, declared, node.id,
+                                  by_id)
             )
     if isinstance(outputs, dict):
         for name, source in outputs.items():
             if isinstance(source, str):
-                problems.extend(_check_expression(f"outputs.{name}", source, declared, declared, None))
+                problems.extend(_check_expression(f"outputs.{name}", source, declared, declared, None, by_id))
     return problems
 
 
 def _check_expression(
-    location: str, source: str, visible: set[str], declared: set[str], node_id: str | None
+    location: str, source: str, visible: set[str], declared: set[str], node_id: str | None,
+    by_id: dict[str, Node],
 ) -> list[Problem]:
+    """Problems of one expression; a node with problems of its own is not judged for upstream."""
     try:
         names = references(source)
     except ExpressionError as exc:
@@ -341,7 +345,7 @@ def _check_expression(
         if name not in declared:
             problems.append(Problem(location=location, node=node_id,
                                     message=f"references {name!r}, which is not 'input', 'run' or a node"))
-        elif name not in visible:
+        elif name not in visible and name in by_id:
             problems.append(Problem(location=location, node=node_id,
                                     message=f"references node {name!r}, which is not upstream; "
                                             f"add it to needs"))

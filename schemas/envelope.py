@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -83,8 +83,9 @@ def decode(data: bytes | None) -> Envelope:
         raise EnvelopeError(f"not JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise EnvelopeError("envelope must be a JSON object")
-    version = raw.get("schema_version", SCHEMA_VERSION)
-    if not isinstance(version, int) or version < 1:
+    # A message without a version predates versioning: it is version 1.
+    version = raw.get("schema_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise EnvelopeError(f"schema_version must be a positive integer, got {version!r}")
     if version > SCHEMA_VERSION:
         raise EnvelopeError(
@@ -163,9 +164,6 @@ COMMANDS: dict[str, type[BaseModel]] = {
     "CancelRun": CancelRun,
     "TimerFired": TimerFired,
 }
-
-CommandType = Literal["StartRun", "AttemptStarted", "NodeSucceeded", "NodeFailed", "CancelRun", "TimerFired"]
-
 
 def command_payload(envelope: Envelope) -> BaseModel:
     """The typed payload of a command envelope, or EnvelopeError naming the bad field."""
