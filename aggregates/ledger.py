@@ -58,8 +58,9 @@ class SQLiteLedger:
                 "ON CONFLICT(name) DO UPDATE SET position = excluded.position",
                 (name, position),
             )
-            db.executemany("INSERT OR IGNORE INTO citadel_active_runs (run_id) VALUES (?)",
-                           [(r,) for r in started])
+            db.executemany(
+                "INSERT OR IGNORE INTO citadel_active_runs (run_id) VALUES (?)", [(r,) for r in started]
+            )
             db.executemany("DELETE FROM citadel_active_runs WHERE run_id = ?", [(r,) for r in finished])
             db.execute("COMMIT")
         except BaseException:

@@ -107,32 +107,58 @@ class Run(Aggregate):
 
     def attempt_started(self, node_id: str, attempt_id: str, command_id: str) -> None:
         state = self._node_of_attempt(node_id, attempt_id)
-        if (self.status != RUNNING or state["attempt_id"] != attempt_id
-                or state["status"] != "scheduled" or state.get("started")):
+        if (
+            self.status != RUNNING
+            or state["attempt_id"] != attempt_id
+            or state["status"] != "scheduled"
+            or state.get("started")
+        ):
             return  # late or repeated news about an attempt: nothing to decide
         self._attempt_started(node_id=node_id, attempt_id=attempt_id, command_id=command_id)
 
     def node_succeeded(
-        self, node_id: str, attempt_id: str, output: Any, duration_ms: float, stdout: str,
-        stderr: str, command_id: str, now: dt.datetime,
+        self,
+        node_id: str,
+        attempt_id: str,
+        output: Any,
+        duration_ms: float,
+        stdout: str,
+        stderr: str,
+        command_id: str,
+        now: dt.datetime,
     ) -> None:
         state = self._node_of_attempt(node_id, attempt_id)
         if self.status != RUNNING or state["attempt_id"] != attempt_id or state["status"] != "scheduled":
             return  # a result for a finished run or a superseded/finished attempt changes nothing
-        self._node_succeeded(node_id=node_id, attempt_id=attempt_id, output=output,
-                             duration_ms=duration_ms, stdout=stdout, stderr=stderr,
-                             command_id=command_id)
+        self._node_succeeded(
+            node_id=node_id,
+            attempt_id=attempt_id,
+            output=output,
+            duration_ms=duration_ms,
+            stdout=stdout,
+            stderr=stderr,
+            command_id=command_id,
+        )
         self.advance(command_id, now)
 
     def node_failed(
-        self, node_id: str, attempt_id: str, error_class: str, message: str, duration_ms: float,
-        stdout: str, stderr: str, command_id: str, now: dt.datetime,
+        self,
+        node_id: str,
+        attempt_id: str,
+        error_class: str,
+        message: str,
+        duration_ms: float,
+        stdout: str,
+        stderr: str,
+        command_id: str,
+        now: dt.datetime,
     ) -> None:
         state = self._node_of_attempt(node_id, attempt_id)
         if self.status != RUNNING or state["attempt_id"] != attempt_id or state["status"] != "scheduled":
             return
-        self._fail_attempt(self.spec.node(node_id), state, error_class, message, duration_ms,
-                           stdout, stderr, command_id, now)
+        self._fail_attempt(
+            self.spec.node(node_id), state, error_class, message, duration_ms, stdout, stderr, command_id, now
+        )
 
     def timer_fired(self, timer_id: str, command_id: str, now: dt.datetime) -> None:
         if self.status != RUNNING:
@@ -140,8 +166,7 @@ class Run(Aggregate):
         timer = self.timers.get(timer_id)
         if timer is None:
             raise Rejected(f"run {self.run_id} has no pending timer {timer_id!r}")
-        self._schedule(self.spec.node(timer["node_id"]), timer["attempt"], command_id, now,
-                       timer_id=timer_id)
+        self._schedule(self.spec.node(timer["node_id"]), timer["attempt"], command_id, now, timer_id=timer_id)
         self.advance(command_id, now)
 
     def cancel(self, reason: str, command_id: str) -> None:
@@ -163,8 +188,9 @@ class Run(Aggregate):
                     continue
                 progressed = True
                 if needs and all(s == "skipped" for s in needs):
-                    self._node_skipped(node_id=node.id, reason="every node it needs was skipped",
-                                       command_id=command_id)
+                    self._node_skipped(
+                        node_id=node.id, reason="every node it needs was skipped", command_id=command_id
+                    )
                 elif node.when is not None and not self._when_holds(node, command_id, now):
                     pass
                 else:
@@ -189,15 +215,24 @@ class Run(Aggregate):
                 raise ExpressionError(f"when must be a boolean, got {type(value).__name__}")
         except ExpressionError as exc:
             attempt_id = self._new_attempt_id(node.id, 1)
-            self._node_scheduled(node_id=node.id, attempt=1, attempt_id=attempt_id,
-                                 node_type=node.type, config={}, inputs={}, timeout_seconds=0.0,
-                                 inline=True, timer_id=None, command_id=command_id)
-            self._fail_attempt(node, self.nodes[node.id], EXPRESSION_ERROR, f"when: {exc}", 0.0,
-                               "", "", command_id, now)
+            self._node_scheduled(
+                node_id=node.id,
+                attempt=1,
+                attempt_id=attempt_id,
+                node_type=node.type,
+                config={},
+                inputs={},
+                timeout_seconds=0.0,
+                inline=True,
+                timer_id=None,
+                command_id=command_id,
+            )
+            self._fail_attempt(
+                node, self.nodes[node.id], EXPRESSION_ERROR, f"when: {exc}", 0.0, "", "", command_id, now
+            )
             return False
         if not value:
-            self._node_skipped(node_id=node.id, reason=f"when is false: {node.when}",
-                               command_id=command_id)
+            self._node_skipped(node_id=node.id, reason=f"when is false: {node.when}", command_id=command_id)
         return value
 
     def _schedule(
@@ -214,9 +249,15 @@ class Run(Aggregate):
             except ExpressionError as exc:
                 error = f"config.inputs.{exc}"
         self._node_scheduled(
-            node_id=node.id, attempt=attempt, attempt_id=attempt_id, node_type=node.type,
-            config={} if inline else node.config, inputs=inputs,
-            timeout_seconds=node.timeout_seconds, inline=inline, timer_id=timer_id,
+            node_id=node.id,
+            attempt=attempt,
+            attempt_id=attempt_id,
+            node_type=node.type,
+            config={} if inline else node.config,
+            inputs=inputs,
+            timeout_seconds=node.timeout_seconds,
+            inline=inline,
+            timer_id=timer_id,
             command_id=command_id,
         )
         state = self.nodes[node.id]
@@ -231,12 +272,27 @@ class Run(Aggregate):
         except ExpressionError as exc:
             self._fail_attempt(node, state, EXPRESSION_ERROR, str(exc), 0.0, "", "", command_id, now)
             return
-        self._node_succeeded(node_id=node.id, attempt_id=attempt_id, output=output, duration_ms=0.0,
-                             stdout="", stderr="", command_id=command_id)
+        self._node_succeeded(
+            node_id=node.id,
+            attempt_id=attempt_id,
+            output=output,
+            duration_ms=0.0,
+            stdout="",
+            stderr="",
+            command_id=command_id,
+        )
 
     def _fail_attempt(
-        self, node: Node, state: dict[str, Any], error_class: str, message: str, duration_ms: float,
-        stdout: str, stderr: str, command_id: str, now: dt.datetime,
+        self,
+        node: Node,
+        state: dict[str, Any],
+        error_class: str,
+        message: str,
+        duration_ms: float,
+        stdout: str,
+        stderr: str,
+        command_id: str,
+        now: dt.datetime,
     ) -> None:
         attempt = state["attempt"]
         retry = (
@@ -244,18 +300,35 @@ class Run(Aggregate):
             and attempt < node.retry.max_attempts
             and node.retry.retries(error_class)
         )
-        self._node_failed(node_id=node.id, attempt_id=state["attempt_id"], error_class=error_class,
-                          message=message, duration_ms=duration_ms, stdout=stdout, stderr=stderr,
-                          will_retry=retry, command_id=command_id)
+        self._node_failed(
+            node_id=node.id,
+            attempt_id=state["attempt_id"],
+            error_class=error_class,
+            message=message,
+            duration_ms=duration_ms,
+            stdout=stdout,
+            stderr=stderr,
+            will_retry=retry,
+            command_id=command_id,
+        )
         if retry:
             timer_id = f"retry:{state['attempt_id']}"
             delay = node.retry.delay_before(attempt + 1, seed=timer_id)
             due_at = (now + dt.timedelta(seconds=delay)).isoformat()
-            self._retry_scheduled(node_id=node.id, attempt=attempt + 1, timer_id=timer_id,
-                                  due_at=due_at, delay_seconds=delay, command_id=command_id)
+            self._retry_scheduled(
+                node_id=node.id,
+                attempt=attempt + 1,
+                timer_id=timer_id,
+                due_at=due_at,
+                delay_seconds=delay,
+                command_id=command_id,
+            )
         else:
-            self._failed(reason=f"node {node.id!r} failed after {attempt} attempt(s): "
-                                f"{error_class}: {message}", node_id=node.id, command_id=command_id)
+            self._failed(
+                reason=f"node {node.id!r} failed after {attempt} attempt(s): {error_class}: {message}",
+                node_id=node.id,
+                command_id=command_id,
+            )
 
     def _node_of_attempt(self, node_id: str, attempt_id: str) -> dict[str, Any]:
         if self.attempts.get(attempt_id) != node_id:
@@ -266,8 +339,13 @@ class Run(Aggregate):
         return f"{self.run_id}:{node_id}:{attempt}"
 
     def _context(self, attempt: int = 0) -> dict[str, Any]:
-        run = {"id": self.run_id, "workflow": self.workflow, "workflow_version": self.workflow_version,
-               "tenant": self.tenant, "attempt": attempt}
+        run = {
+            "id": self.run_id,
+            "workflow": self.workflow,
+            "workflow_version": self.workflow_version,
+            "tenant": self.tenant,
+            "attempt": attempt,
+        }
         context: dict[str, Any] = {INPUT: self.input, RUN: run}
         for node_id, state in self.nodes.items():
             if state["status"] == "succeeded":
@@ -280,12 +358,21 @@ class Run(Aggregate):
 
     @event("NodeScheduled")
     def _node_scheduled(
-        self, node_id: str, attempt: int, attempt_id: str, node_type: str, config: dict[str, Any],
-        inputs: dict[str, Any], timeout_seconds: float, inline: bool, timer_id: str | None,
+        self,
+        node_id: str,
+        attempt: int,
+        attempt_id: str,
+        node_type: str,
+        config: dict[str, Any],
+        inputs: dict[str, Any],
+        timeout_seconds: float,
+        inline: bool,
+        timer_id: str | None,
         command_id: str,
     ) -> None:
-        self.nodes[node_id].update(status="scheduled", attempt=attempt, attempt_id=attempt_id,
-                                   started=False, inputs=inputs)
+        self.nodes[node_id].update(
+            status="scheduled", attempt=attempt, attempt_id=attempt_id, started=False, inputs=inputs
+        )
         self.attempts[attempt_id] = node_id
         if timer_id is not None:
             self.timers.pop(timer_id, None)
@@ -298,24 +385,44 @@ class Run(Aggregate):
 
     @event("NodeSucceeded")
     def _node_succeeded(
-        self, node_id: str, attempt_id: str, output: Any, duration_ms: float, stdout: str,
-        stderr: str, command_id: str,
+        self,
+        node_id: str,
+        attempt_id: str,
+        output: Any,
+        duration_ms: float,
+        stdout: str,
+        stderr: str,
+        command_id: str,
     ) -> None:
         self.nodes[node_id].update(status="succeeded", output=output)
         self.applied[command_id] = 1
 
     @event("NodeFailed")
     def _node_failed(
-        self, node_id: str, attempt_id: str, error_class: str, message: str, duration_ms: float,
-        stdout: str, stderr: str, will_retry: bool, command_id: str,
+        self,
+        node_id: str,
+        attempt_id: str,
+        error_class: str,
+        message: str,
+        duration_ms: float,
+        stdout: str,
+        stderr: str,
+        will_retry: bool,
+        command_id: str,
     ) -> None:
-        self.nodes[node_id].update(status="retry_wait" if will_retry else "failed",
-                                   error_class=error_class, error=message)
+        self.nodes[node_id].update(
+            status="retry_wait" if will_retry else "failed", error_class=error_class, error=message
+        )
         self.applied[command_id] = 1
 
     @event("RetryScheduled")
     def _retry_scheduled(
-        self, node_id: str, attempt: int, timer_id: str, due_at: str, delay_seconds: float,
+        self,
+        node_id: str,
+        attempt: int,
+        timer_id: str,
+        due_at: str,
+        delay_seconds: float,
         command_id: str,
     ) -> None:
         self.timers[timer_id] = {"node_id": node_id, "attempt": attempt, "due_at": due_at}
@@ -357,8 +464,14 @@ class Run(Aggregate):
         for node_id, state in self.nodes.items():
             node = spec.node(node_id)
             if state["status"] == "scheduled" and node.type not in INLINE_TYPES:
-                result.append({"node": node, "attempt": state["attempt"],
-                               "attempt_id": state["attempt_id"], "inputs": state["inputs"]})
+                result.append(
+                    {
+                        "node": node,
+                        "attempt": state["attempt"],
+                        "attempt_id": state["attempt_id"],
+                        "inputs": state["inputs"],
+                    }
+                )
         return result
 
 
@@ -374,5 +487,7 @@ def _evaluate_inline(node: Node, context: dict[str, Any]) -> Any:
             raise ExpressionError(f"condition must be a boolean, got {type(value).__name__}")
         return {"result": value}
     message = evaluate(config.message, context)
-    return {"message": message if isinstance(message, str) else orjson.dumps(message).decode(),
-            "level": config.level}
+    return {
+        "message": message if isinstance(message, str) else orjson.dumps(message).decode(),
+        "level": config.level,
+    }

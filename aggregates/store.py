@@ -59,8 +59,11 @@ def persistence_env(url: str) -> dict[str, str]:
     if parsed.scheme == "sqlite":
         path = Path(unquote(parsed.path))
         path.parent.mkdir(parents=True, exist_ok=True)
-        return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(path),
-                "SQLITE_LOCK_TIMEOUT": "30"}
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": str(path),
+            "SQLITE_LOCK_TIMEOUT": "30",
+        }
     if parsed.scheme in ("postgresql", "postgres"):
         schema = parse_qs(parsed.query).get("schema", [""])[0]
         return {
@@ -78,12 +81,13 @@ def persistence_env(url: str) -> dict[str, str]:
 
 class RunStore(Application[uuid.UUID]):
     name = "Citadel"
-    snapshotting_intervals = {Run: 100}  # noqa: RUF012 - the library's class-level seam
+    snapshotting_intervals = {Run: 100}
 
     def __init__(self, url: str, snapshot_interval: int = 100, cache_size: int = 10_000) -> None:
         self.url = url
         super().__init__(env=persistence_env(url))
-        self.snapshotting_intervals = {Run: snapshot_interval}
+        # The library reads this class-level seam through the instance; set it per store.
+        self.snapshotting_intervals = {Run: snapshot_interval}  # type: ignore[misc]
         self._cache: OrderedDict[uuid.UUID, Run | Workflow] = OrderedDict()
         self._cache_size = cache_size
 
@@ -150,7 +154,10 @@ class RunStore(Application[uuid.UUID]):
         return verdicts
 
     def _apply(
-        self, command: Envelope, payload: BaseModel, now: dt.datetime,
+        self,
+        command: Envelope,
+        payload: BaseModel,
+        now: dt.datetime,
         touched: dict[uuid.UUID, Run | Workflow],
     ) -> str:
         key = run_uuid(command.run_id)
@@ -158,8 +165,9 @@ class RunStore(Application[uuid.UUID]):
             if self._get(key, touched) is not None:
                 return DUPLICATE
             definition = self._definition_for(payload, touched)
-            touched[key] = Run.start(command.run_id, definition, payload.input, command.tenant,
-                                     command.id, now)
+            touched[key] = Run.start(
+                command.run_id, definition, payload.input, command.tenant, command.id, now
+            )
             return APPLIED
         run = self._get(key, touched)
         if not isinstance(run, Run):
@@ -244,9 +252,7 @@ def _check_input(definition: WorkflowDefinition, value: dict[str, Any]) -> None:
     validator = Draft202012Validator(definition.input)
     errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
     if errors:
-        problems = "; ".join(
-            f"input{''.join(f'.{p}' for p in e.absolute_path)}: {e.message}" for e in errors
-        )
+        problems = "; ".join(f"input{''.join(f'.{p}' for p in e.absolute_path)}: {e.message}" for e in errors)
         raise Rejected(f"run input does not match the input schema of {definition.name!r}: {problems}")
 
 
@@ -254,11 +260,28 @@ def _apply_to_run(run: Run, command: Envelope, payload: BaseModel, now: dt.datet
     if isinstance(payload, AttemptStarted):
         run.attempt_started(payload.node_id, payload.attempt_id, command.id)
     elif isinstance(payload, NodeSucceeded):
-        run.node_succeeded(payload.node_id, payload.attempt_id, payload.output, payload.duration_ms,
-                           payload.stdout, payload.stderr, command.id, now)
+        run.node_succeeded(
+            payload.node_id,
+            payload.attempt_id,
+            payload.output,
+            payload.duration_ms,
+            payload.stdout,
+            payload.stderr,
+            command.id,
+            now,
+        )
     elif isinstance(payload, NodeFailed):
-        run.node_failed(payload.node_id, payload.attempt_id, payload.error_class, payload.message,
-                        payload.duration_ms, payload.stdout, payload.stderr, command.id, now)
+        run.node_failed(
+            payload.node_id,
+            payload.attempt_id,
+            payload.error_class,
+            payload.message,
+            payload.duration_ms,
+            payload.stdout,
+            payload.stderr,
+            command.id,
+            now,
+        )
     elif isinstance(payload, TimerFired):
         run.timer_fired(payload.timer_id, command.id, now)
     elif isinstance(payload, CancelRun):

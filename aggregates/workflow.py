@@ -41,8 +41,9 @@ class Workflow(Aggregate):
                 f"version {definition.version} of workflow {self.name!r} is already deployed with a "
                 f"different definition; give the new definition a higher version"
             )
-        self._deployed(version=definition.version, digest=digest,
-                       definition=definition.model_dump(mode="json"))
+        self._deployed(
+            version=definition.version, digest=digest, definition=definition.model_dump(mode="json")
+        )
         return True
 
     @event("Deployed")

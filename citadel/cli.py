@@ -15,7 +15,14 @@ import typer
 from aiokafka import AIOKafkaProducer
 from jsonschema import Draft202012Validator
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from citadel.runs import RunReport, follow, start_command
@@ -41,8 +48,9 @@ EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 1, 2, 3
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("citadel.run").setLevel(logging.INFO)
     # Faust and aiokafka are chatty at INFO about every rebalance.
     for noisy in ("faust", "aiokafka", "mode"):
@@ -138,8 +146,7 @@ async def _run(settings: Settings, command: Envelope) -> RunReport:
         producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
         await producer.start()
         try:
-            await producer.send_and_wait(kafka.topic(COMMANDS), encode(command),
-                                         key=command.run_id.encode())
+            await producer.send_and_wait(kafka.topic(COMMANDS), encode(command), key=command.run_id.encode())
         finally:
             await producer.stop()
         return await _follow_with_progress(kafka, command)
@@ -154,28 +161,55 @@ async def _run(settings: Settings, command: Envelope) -> RunReport:
 
 
 async def _follow_with_progress(kafka: KafkaSettings, command: Envelope) -> RunReport:
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                        MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
     with progress:
         bar = progress.add_task(f"run {command.run_id[:8]}", total=None)
 
         def update(report: RunReport, event: Envelope) -> None:
             node = event.payload.get("node_id")
             what = f"{event.type} {node}" if node else event.type
-            progress.update(bar, total=len(report.nodes) or None, completed=report.done,
-                            description=f"run {command.run_id[:8]}: {what}")
+            progress.update(
+                bar,
+                total=len(report.nodes) or None,
+                completed=report.done,
+                description=f"run {command.run_id[:8]}: {what}",
+            )
 
         return await follow(kafka, command.run_id, command.id, on_event=update)
 
 
 def _print_report(report: RunReport, as_json: bool) -> None:
     if as_json:
-        nodes = {n.node_id: {"status": n.status, "attempts": n.attempts,
-                             "duration_ms": n.duration_ms, "error": n.error}
-                 for n in report.nodes.values()}
-        sys.stdout.write(json.dumps({"run_id": report.run_id, "status": report.status,
-                                     "outputs": report.outputs, "error": report.error,
-                                     "nodes": nodes}, indent=2) + "\n")
+        nodes = {
+            n.node_id: {
+                "status": n.status,
+                "attempts": n.attempts,
+                "duration_ms": n.duration_ms,
+                "error": n.error,
+            }
+            for n in report.nodes.values()
+        }
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "run_id": report.run_id,
+                    "status": report.status,
+                    "outputs": report.outputs,
+                    "error": report.error,
+                    "nodes": nodes,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         return
     table = Table(title=f"run {report.run_id}")
     for column in ("node", "status", "attempts", "duration", "error"):
@@ -184,8 +218,13 @@ def _print_report(report: RunReport, as_json: bool) -> None:
     for node in report.nodes.values():
         duration = f"{node.duration_ms:.1f} ms" if node.duration_ms is not None else "-"
         colour = colours.get(node.status, "white")
-        table.add_row(node.node_id, f"[{colour}]{node.status}[/{colour}]", str(node.attempts),
-                      duration, node.error or "")
+        table.add_row(
+            node.node_id,
+            f"[{colour}]{node.status}[/{colour}]",
+            str(node.attempts),
+            duration,
+            node.error or "",
+        )
     out.print(table)
     if report.status == "completed":
         out.print("[green]completed[/green]; outputs:")
@@ -199,10 +238,8 @@ def up() -> None:
     """Start the whole engine in this process (embedded by default). Ctrl-C stops it cleanly."""
     settings = Settings.from_env()
     _setup_logging(settings)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(settings, announce_self=True))
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command()
@@ -210,8 +247,10 @@ def worker() -> None:
     """Run a production worker against CITADEL_KAFKA and CITADEL_EVENT_STORE."""
     settings = Settings.from_env()
     if settings.embedded:
-        err.print("[red]citadel worker needs CITADEL_KAFKA (bootstrap servers) and usually "
-                  "CITADEL_EVENT_STORE=postgresql://...; for a local engine use `citadel up`[/red]")
+        err.print(
+            "[red]citadel worker needs CITADEL_KAFKA (bootstrap servers) and usually "
+            "CITADEL_EVENT_STORE=postgresql://...; for a local engine use `citadel up`[/red]"
+        )
         raise typer.Exit(EXIT_INVALID)
     _setup_logging(settings)
     asyncio.run(_serve(settings, announce_self=False))
@@ -229,8 +268,10 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
         if announce_self:
             announce(stack)
         mode = "embedded broker" if stack.broker else "Kafka"
-        err.print(f"[green]Citadel is up[/green] ({mode} at {stack.kafka.bootstrap}; "
-                  f"event store {_redact(settings.event_store)})")
+        err.print(
+            f"[green]Citadel is up[/green] ({mode} at {stack.kafka.bootstrap}; "
+            f"event store {_redact(settings.event_store)})"
+        )
         err.print("  run a workflow:  citadel run examples/linear.yaml --input '{\"n\": 5}'")
         err.print("  stop:            Ctrl-C")
         await stop.wait()

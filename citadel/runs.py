@@ -67,16 +67,20 @@ class RunReport:
         return sum(1 for n in self.nodes.values() if n.status in ("succeeded", "skipped", "failed"))
 
 
-def start_command(definition: dict[str, Any], run_input: dict[str, Any], tenant: str,
-                  run_id: str | None = None) -> Envelope:
+def start_command(
+    definition: dict[str, Any], run_input: dict[str, Any], tenant: str, run_id: str | None = None
+) -> Envelope:
     run_id = run_id or str(uuid.uuid4())
-    return Envelope.new("StartRun", run_id, {"definition": definition, "input": run_input},
-                        tenant=tenant)
+    return Envelope.new("StartRun", run_id, {"definition": definition, "input": run_input}, tenant=tenant)
 
 
-async def follow(kafka: KafkaSettings, run_id: str, command_id: str | None = None, *,
-                 on_event: Callable[[RunReport, Envelope], Awaitable[None] | None] | None = None
-                 ) -> RunReport:
+async def follow(
+    kafka: KafkaSettings,
+    run_id: str,
+    command_id: str | None = None,
+    *,
+    on_event: Callable[[RunReport, Envelope], Awaitable[None] | None] | None = None,
+) -> RunReport:
     report = RunReport(run_id)
     async for event in watch_run(kafka, run_id, command_id):
         report.apply(event)

@@ -51,10 +51,14 @@ async def running_stack(settings: Settings, keep_broker: bool = False) -> AsyncI
     kafka = kafka_settings(settings, bootstrap)
     executors = ExecutorRegistry([PythonExecutor(max_concurrency=settings.executor_concurrency)])
     engine = Engine(
-        EngineSettings(kafka=kafka, store_url=settings.event_store,
-                       datadir=str(settings.home / "faust"), group=settings.group,
-                       snapshot_interval=settings.snapshot_interval,
-                       executor_concurrency=settings.executor_concurrency),
+        EngineSettings(
+            kafka=kafka,
+            store_url=settings.event_store,
+            datadir=str(settings.home / "faust"),
+            group=settings.group,
+            snapshot_interval=settings.snapshot_interval,
+            executor_concurrency=settings.executor_concurrency,
+        ),
         executors,
     )
     try:
@@ -82,14 +86,19 @@ def _adopt_broker(settings: Settings) -> EmbeddedBroker | None:
 
 # A running `citadel up` announces itself here so `citadel run` can submit to it.
 
+
 def engine_file(settings: Settings) -> Path:
     return settings.home / "engine.json"
 
 
 def announce(stack: Stack) -> None:
-    info = {"pid": os.getpid(), "bootstrap": stack.kafka.bootstrap,
-            "partitions": stack.kafka.partitions, "namespace": stack.kafka.namespace,
-            "event_store": stack.settings.event_store}
+    info = {
+        "pid": os.getpid(),
+        "bootstrap": stack.kafka.bootstrap,
+        "partitions": stack.kafka.partitions,
+        "namespace": stack.kafka.namespace,
+        "event_store": stack.settings.event_store,
+    }
     engine_file(stack.settings).write_text(json.dumps(info))
 
 

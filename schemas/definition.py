@@ -23,9 +23,30 @@ NODE_ID = r"^[A-Za-z_][A-Za-z0-9_]*$"
 WORKFLOW_NAME = r"^[a-z0-9][a-z0-9_.-]*$"
 # CEL words a node id may not take, since node ids are expression variables.
 RESERVED_IDS = frozenset(
-    {*BUILTINS, "true", "false", "null", "in", "as", "break", "const", "continue", "else", "for",
-     "function", "if", "import", "let", "loop", "package", "namespace", "return", "var", "void",
-     "while"}
+    {
+        *BUILTINS,
+        "true",
+        "false",
+        "null",
+        "in",
+        "as",
+        "break",
+        "const",
+        "continue",
+        "else",
+        "for",
+        "function",
+        "if",
+        "import",
+        "let",
+        "loop",
+        "package",
+        "namespace",
+        "return",
+        "var",
+        "void",
+        "while",
+    }
 )
 
 
@@ -193,7 +214,9 @@ def load_document(text: str, source: str = "definition") -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "document"
         problem = getattr(exc, "problem", None) or str(exc)
-        raise DefinitionInvalid([Problem(location=where, message=f"not valid YAML: {problem}")], source)
+        raise DefinitionInvalid(
+            [Problem(location=where, message=f"not valid YAML: {problem}")], source
+        ) from None
 
 
 def parse_definition(document: Any, source: str = "definition") -> WorkflowDefinition:
@@ -229,7 +252,7 @@ def parse_definition(document: Any, source: str = "definition") -> WorkflowDefin
     problems.extend(_check_input_schema(document.get("input")))
     if nodes:
         declared = {
-            raw["id"] for raw in raw_nodes if isinstance(raw, dict) and isinstance(raw.get("id"), str)
+            raw["id"] for raw in raw_nodes or [] if isinstance(raw, dict) and isinstance(raw.get("id"), str)
         }
         problems.extend(_check_graph(nodes, declared, document.get("outputs")))
     if problems or definition is None:
@@ -251,8 +274,11 @@ def _parse_node(index: int, raw: Any, problems: list[Problem]) -> Node | None:
     if node.type not in NODE_CONFIGS:
         known = ", ".join(sorted(NODE_CONFIGS))
         problems.append(
-            Problem(location=f"{where}.type", node=node.id,
-                    message=f"unknown node type {node.type!r}; known types: {known}")
+            Problem(
+                location=f"{where}.type",
+                node=node.id,
+                message=f"unknown node type {node.type!r}; known types: {known}",
+            )
         )
         return None
     try:
@@ -270,14 +296,22 @@ def _check_python(where: str, node: Node) -> list[Problem]:
     try:
         tree = ast.parse(config.code, filename=f"<node {node.id}>")
     except SyntaxError as exc:
-        return [Problem(location=f"{where}.config.code", node=node.id,
-                        message=f"Python syntax error at line {exc.lineno}: {exc.msg}")]
-    defined = {
-        n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
-    }
+        return [
+            Problem(
+                location=f"{where}.config.code",
+                node=node.id,
+                message=f"Python syntax error at line {exc.lineno}: {exc.msg}",
+            )
+        ]
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
     if config.entrypoint not in defined:
-        return [Problem(location=f"{where}.config.code", node=node.id,
-                        message=f"defines no function {config.entrypoint!r} to call")]
+        return [
+            Problem(
+                location=f"{where}.config.code",
+                node=node.id,
+                message=f"defines no function {config.entrypoint!r} to call",
+            )
+        ]
     return []
 
 
@@ -288,8 +322,12 @@ def _check_input_schema(schema: Any) -> list[Problem]:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         path = ".".join(str(p) for p in exc.absolute_path)
-        return [Problem(location="input" + (f".{path}" if path else ""),
-                        message=f"not a valid JSON Schema: {exc.message}")]
+        return [
+            Problem(
+                location="input" + (f".{path}" if path else ""),
+                message=f"not a valid JSON Schema: {exc.message}",
+            )
+        ]
     return []
 
 
@@ -299,30 +337,46 @@ def _check_graph(nodes: list[Node], declared: set[str], outputs: Any) -> list[Pr
     by_id: dict[str, Node] = {}
     for node in nodes:
         if node.id in by_id:
-            problems.append(Problem(location=f"nodes.{node.id}.id", node=node.id,
-                                    message=f"duplicate node id {node.id!r}"))
+            problems.append(
+                Problem(
+                    location=f"nodes.{node.id}.id", node=node.id, message=f"duplicate node id {node.id!r}"
+                )
+            )
         if node.id in RESERVED_IDS:
-            problems.append(Problem(location=f"nodes.{node.id}.id", node=node.id,
-                                    message=f"{node.id!r} is reserved in expressions; rename the node"))
+            problems.append(
+                Problem(
+                    location=f"nodes.{node.id}.id",
+                    node=node.id,
+                    message=f"{node.id!r} is reserved in expressions; rename the node",
+                )
+            )
         by_id[node.id] = node
     for node in nodes:
         for need in node.needs:
             if need == node.id:
-                problems.append(Problem(location=f"nodes.{node.id}.needs", node=node.id,
-                                        message="a node cannot need itself"))
+                problems.append(
+                    Problem(
+                        location=f"nodes.{node.id}.needs", node=node.id, message="a node cannot need itself"
+                    )
+                )
             elif need not in declared:
-                problems.append(Problem(location=f"nodes.{node.id}.needs", node=node.id,
-                                        message=f"needs unknown node {need!r}"))
+                problems.append(
+                    Problem(
+                        location=f"nodes.{node.id}.needs",
+                        node=node.id,
+                        message=f"needs unknown node {need!r}",
+                    )
+                )
     cycle = _find_cycle(by_id)
     if cycle:
-        problems.append(Problem(location=f"nodes.{cycle[0]}.needs", node=cycle[0],
-                                message="cycle: " + " -> ".join(cycle)))
+        problems.append(
+            Problem(location=f"nodes.{cycle[0]}.needs", node=cycle[0], message="cycle: " + " -> ".join(cycle))
+        )
     for node in nodes:
         upstream = _upstream(by_id, node.id)
         for field, source in node.expressions():
             problems.extend(
-                _check_expression(f"nodes.{node.id}.{field}", source, upstream, declared, node.id,
-                                  by_id)
+                _check_expression(f"nodes.{node.id}.{field}", source, upstream, declared, node.id, by_id)
             )
     if isinstance(outputs, dict):
         for name, source in outputs.items():
@@ -332,7 +386,11 @@ def _check_graph(nodes: list[Node], declared: set[str], outputs: Any) -> list[Pr
 
 
 def _check_expression(
-    location: str, source: str, visible: set[str], declared: set[str], node_id: str | None,
+    location: str,
+    source: str,
+    visible: set[str],
+    declared: set[str],
+    node_id: str | None,
     by_id: dict[str, Node],
 ) -> list[Problem]:
     """Problems of one expression; a node with problems of its own is not judged for upstream."""
@@ -343,12 +401,21 @@ def _check_expression(
     problems = []
     for name in sorted(names - BUILTINS):
         if name not in declared:
-            problems.append(Problem(location=location, node=node_id,
-                                    message=f"references {name!r}, which is not 'input', 'run' or a node"))
+            problems.append(
+                Problem(
+                    location=location,
+                    node=node_id,
+                    message=f"references {name!r}, which is not 'input', 'run' or a node",
+                )
+            )
         elif name not in visible and name in by_id:
-            problems.append(Problem(location=location, node=node_id,
-                                    message=f"references node {name!r}, which is not upstream; "
-                                            f"add it to needs"))
+            problems.append(
+                Problem(
+                    location=location,
+                    node=node_id,
+                    message=f"references node {name!r}, which is not upstream; add it to needs",
+                )
+            )
     return problems
 
 
@@ -375,7 +442,7 @@ def _find_cycle(by_id: dict[str, Node]) -> list[str] | None:
             if need not in by_id or need == node_id:
                 continue
             if state.get(need) == 1:
-                return [*path[path.index(need):], need]
+                return [*path[path.index(need) :], need]
             if need not in state:
                 found = visit(need)
                 if found:
@@ -428,5 +495,3 @@ def definition_json_schema() -> dict[str, Any]:
     schema["title"] = "Citadel workflow definition"
     schema["$defs"]["Node"]["properties"]["type"]["enum"] = sorted(NODE_CONFIGS)
     return schema
-
-

@@ -109,6 +109,7 @@ def decode(data: bytes | None) -> Envelope:
 
 # Command payloads. Commands travel on `citadel.commands`, keyed by run id.
 
+
 class StartRun(BaseModel):
     """Start a run of a workflow: either an inline definition document, or a deployed name."""
 
@@ -164,6 +165,7 @@ COMMANDS: dict[str, type[BaseModel]] = {
     "CancelRun": CancelRun,
     "TimerFired": TimerFired,
 }
+
 
 def command_payload(envelope: Envelope) -> BaseModel:
     """The typed payload of a command envelope, or EnvelopeError naming the bad field."""

@@ -43,8 +43,7 @@ class EmbeddedBroker:
     commands it acknowledged are still there when the engine restarts and adopts it.
     """
 
-    def __init__(self, port: int | None = None, log_path: str | None = None,
-                 detached: bool = False) -> None:
+    def __init__(self, port: int | None = None, log_path: str | None = None, detached: bool = False) -> None:
         self.port = port or free_port()
         self._log_path = log_path
         self._detached = detached
@@ -81,9 +80,19 @@ class EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         output = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
         self._process = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=output, stderr=output, stdin=subprocess.DEVNULL,
+            [
+                str(binary),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=output,
+            stderr=output,
+            stdin=subprocess.DEVNULL,
             preexec_fn=None if self._detached else _die_with_parent,
             start_new_session=self._detached,
             env={**os.environ, "RUST_LOG": os.environ.get("CITADEL_BROKER_LOG", "warn")},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import logging
 from collections import OrderedDict
@@ -70,31 +71,54 @@ def event_envelope(domain_event: Any, tenant: str) -> Envelope:
     run_id = str(domain_event.originator_id)
     version = int(domain_event.originator_version)
     payload = {k: v for k, v in domain_event.__dict__.items() if k not in _EVENT_META}
-    return Envelope(id=f"{run_id}:{version}", type=type(domain_event).__name__, run_id=run_id,
-                    tenant=tenant, time=domain_event.timestamp, version=version, payload=payload)
+    return Envelope(
+        id=f"{run_id}:{version}",
+        type=type(domain_event).__name__,
+        run_id=run_id,
+        tenant=tenant,
+        time=domain_event.timestamp,
+        version=version,
+        payload=payload,
+    )
 
 
 def task_from_event(run_id: str, tenant: str, workflow: str, payload: dict[str, Any]) -> NodeTask:
-    return NodeTask(run_id=run_id, tenant=tenant, workflow=workflow, node_id=payload["node_id"],
-                    node_type=payload["node_type"], attempt=payload["attempt"],
-                    attempt_id=payload["attempt_id"], config=payload["config"],
-                    inputs=payload["inputs"], timeout_seconds=payload["timeout_seconds"])
+    return NodeTask(
+        run_id=run_id,
+        tenant=tenant,
+        workflow=workflow,
+        node_id=payload["node_id"],
+        node_type=payload["node_type"],
+        attempt=payload["attempt"],
+        attempt_id=payload["attempt_id"],
+        config=payload["config"],
+        inputs=payload["inputs"],
+        timeout_seconds=payload["timeout_seconds"],
+    )
 
 
 def result_command(task: NodeTask, outcome: NodeOutcome) -> Envelope:
-    common = {"node_id": task.node_id, "attempt_id": task.attempt_id,
-              "duration_ms": outcome.duration_ms, "stdout": outcome.stdout, "stderr": outcome.stderr}
+    common = {
+        "node_id": task.node_id,
+        "attempt_id": task.attempt_id,
+        "duration_ms": outcome.duration_ms,
+        "stdout": outcome.stdout,
+        "stderr": outcome.stderr,
+    }
     if outcome.ok:
         kind, payload = "NodeSucceeded", {**common, "output": outcome.output}
     else:
-        kind, payload = "NodeFailed", {**common, "error_class": outcome.error_class or "Error",
-                                       "message": outcome.error_message or ""}
+        kind, payload = (
+            "NodeFailed",
+            {**common, "error_class": outcome.error_class or "Error", "message": outcome.error_message or ""},
+        )
     return Envelope.new(kind, task.run_id, payload, id=f"{task.attempt_id}:result", tenant=task.tenant)
 
 
 class Engine:
-    def __init__(self, settings: EngineSettings, executors: ExecutorRegistry,
-                 clock: Clock | None = None) -> None:
+    def __init__(
+        self, settings: EngineSettings, executors: ExecutorRegistry, clock: Clock | None = None
+    ) -> None:
         self.settings = settings
         self.executors = executors
         self.clock = clock or SystemClock()
@@ -123,8 +147,12 @@ class Engine:
         await self.executors.start()
         if settings.reconcile:
             await self.reconcile()
-        for coroutine in (self._decide_loop(), self._outbox_loop(), self.timers.run(),
-                          self.app.fetch_tuner.run()):
+        for coroutine in (
+            self._decide_loop(),
+            self._outbox_loop(),
+            self.timers.run(),
+            self.app.fetch_tuner.run(),
+        ):
             self._tasks.append(asyncio.create_task(coroutine))
         await self.app.start()
         await self._wait_for_assignment()
@@ -188,21 +216,33 @@ class Engine:
             "time": self.clock.now().isoformat(),
         }
         log.warning("dead letter from %s: %s", source, reason)
-        await (await self._send(self._topic(DEAD_LETTERS), (message.key or b"").decode("utf-8", "replace"),
-                                orjson.dumps(record)))
+        await (
+            await self._send(
+                self._topic(DEAD_LETTERS),
+                (message.key or b"").decode("utf-8", "replace"),
+                orjson.dumps(record),
+            )
+        )
 
     # ---- decide ----------------------------------------------------------
 
     def _build_app(self) -> StreamApp:
         settings = self.settings
         app = stream_app(settings.group, settings.kafka, settings.datadir)
-        commands = app.topic(settings.kafka.topic(COMMANDS), key_serializer="raw",
-                             value_serializer="raw", partitions=settings.kafka.partitions)
-        tasks = app.topic(settings.kafka.topic(NODE_TASKS), key_serializer="raw",
-                          value_serializer="raw", partitions=settings.kafka.partitions)
+        commands = app.topic(
+            settings.kafka.topic(COMMANDS),
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.kafka.partitions,
+        )
+        tasks = app.topic(
+            settings.kafka.topic(NODE_TASKS),
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.kafka.partitions,
+        )
         app.agent(commands, name="decide")(self._decide_agent)
-        app.agent(tasks, name="execute", concurrency=settings.executor_concurrency)(
-            self._execute_agent)
+        app.agent(tasks, name="execute", concurrency=settings.executor_concurrency)(self._execute_agent)
         return app
 
     async def _decide_agent(self, stream: Any) -> None:
@@ -265,13 +305,12 @@ class Engine:
     async def _publish_from(self, position: int) -> int:
         assert self.store is not None and self.ledger is not None
         notifications = await self._in_store(
-            self.store.recorder.select_notifications, position + 1, self.settings.outbox_batch)
+            self.store.recorder.select_notifications, position + 1, self.settings.outbox_batch
+        )
         if not notifications:
             self._outbox_wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._outbox_wake.wait(), self.settings.outbox_poll_seconds)
-            except TimeoutError:
-                pass
             return position
         started: list[str] = []
         finished: list[str] = []
@@ -301,20 +340,31 @@ class Engine:
         if envelope.type == "NodeScheduled":
             if not payload["inline"]:
                 task = task_from_event(envelope.run_id, envelope.tenant, workflow, payload)
-                return [await self._send(self._topic(NODE_TASKS), envelope.run_id,
-                                         task.model_dump_json().encode())]
+                return [
+                    await self._send(
+                        self._topic(NODE_TASKS), envelope.run_id, task.model_dump_json().encode()
+                    )
+                ]
             if payload["node_type"] == "log":
                 self._log_attempts.add(payload["attempt_id"])
         elif envelope.type == "RetryScheduled":
-            self.timers.arm(payload["timer_id"], envelope.run_id, envelope.tenant,
-                            dt.datetime.fromisoformat(payload["due_at"]))
+            self.timers.arm(
+                payload["timer_id"],
+                envelope.run_id,
+                envelope.tenant,
+                dt.datetime.fromisoformat(payload["due_at"]),
+            )
         elif envelope.type == "NodeSucceeded" and payload["attempt_id"] in self._log_attempts:
             self._log_attempts.discard(payload["attempt_id"])
             output = payload.get("output") or {}
             level = logging.getLevelName(str(output.get("level", "info")).upper())
             logging.getLogger("citadel.run").log(
-                level if isinstance(level, int) else logging.INFO, "[%s %s] %s",
-                workflow, payload["node_id"], output.get("message"))
+                level if isinstance(level, int) else logging.INFO,
+                "[%s %s] %s",
+                workflow,
+                payload["node_id"],
+                output.get("message"),
+            )
         return []
 
     async def _run_identity(self, run_id: str, domain_event: Any) -> tuple[str, str]:
@@ -334,8 +384,14 @@ class Engine:
     # ---- timers ----------------------------------------------------------
 
     async def _fire_timer(self, timer_id: str, run_id: str, tenant: str) -> None:
-        command = Envelope.new("TimerFired", run_id, {"timer_id": timer_id}, id=f"{timer_id}:fired",
-                               tenant=tenant, time=self.clock.now())
+        command = Envelope.new(
+            "TimerFired",
+            run_id,
+            {"timer_id": timer_id},
+            id=f"{timer_id}:fired",
+            tenant=tenant,
+            time=self.clock.now(),
+        )
         await self.submit(command)
 
     # ---- execute ---------------------------------------------------------
@@ -347,9 +403,13 @@ class Engine:
             except ValidationError as exc:
                 await self.dead_letter(NODE_TASKS, event.message, f"undecodable node task: {exc}")
                 continue
-            started = Envelope.new("AttemptStarted", task.run_id,
-                                   {"node_id": task.node_id, "attempt_id": task.attempt_id},
-                                   id=f"{task.attempt_id}:started", tenant=task.tenant)
+            started = Envelope.new(
+                "AttemptStarted",
+                task.run_id,
+                {"node_id": task.node_id, "attempt_id": task.attempt_id},
+                id=f"{task.attempt_id}:started",
+                tenant=task.tenant,
+            )
             await self._send(self._topic(COMMANDS), task.run_id, encode(started))
             outcome = await self.executors.execute(task)
             # Awaiting delivery before the task is acked: a result is never lost, at worst repeated.
@@ -366,19 +426,31 @@ class Engine:
         for run in runs:
             for attempt in run.unfinished_attempts():
                 node = attempt["node"]
-                task = NodeTask(run_id=run.run_id, tenant=run.tenant, workflow=run.workflow,
-                                node_id=node.id, node_type=node.type, attempt=attempt["attempt"],
-                                attempt_id=attempt["attempt_id"], config=node.config,
-                                inputs=attempt["inputs"], timeout_seconds=node.timeout_seconds)
-                deliveries.append(await self._send(self._topic(NODE_TASKS), run.run_id,
-                                                   task.model_dump_json().encode()))
+                task = NodeTask(
+                    run_id=run.run_id,
+                    tenant=run.tenant,
+                    workflow=run.workflow,
+                    node_id=node.id,
+                    node_type=node.type,
+                    attempt=attempt["attempt"],
+                    attempt_id=attempt["attempt_id"],
+                    config=node.config,
+                    inputs=attempt["inputs"],
+                    timeout_seconds=node.timeout_seconds,
+                )
+                deliveries.append(
+                    await self._send(self._topic(NODE_TASKS), run.run_id, task.model_dump_json().encode())
+                )
             for timer_id, timer in run.timers.items():
-                self.timers.arm(timer_id, run.run_id, run.tenant,
-                                dt.datetime.fromisoformat(timer["due_at"]))
+                self.timers.arm(timer_id, run.run_id, run.tenant, dt.datetime.fromisoformat(timer["due_at"]))
         await asyncio.gather(*deliveries)
         if runs:
-            log.info("reconciled %d active run(s): %d attempt(s) dispatched again, %d timer(s)",
-                     len(runs), len(deliveries), len(self.timers))
+            log.info(
+                "reconciled %d active run(s): %d attempt(s) dispatched again, %d timer(s)",
+                len(runs),
+                len(deliveries),
+                len(self.timers),
+            )
 
 
 def _load_runs(store: RunStore, run_ids: list[str]) -> list[Run]:

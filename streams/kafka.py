@@ -9,6 +9,7 @@ transport builds the consumer with the wait from settings and lets it change at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,9 +50,15 @@ class KafkaSettings:
     @classmethod
     def for_cluster(cls, bootstrap: str, partitions: int = 16, namespace: str = "") -> KafkaSettings:
         # A real broker answers a waiting fetch as soon as data arrives: waiting long costs nothing.
-        return cls(bootstrap=bootstrap, partitions=partitions, namespace=namespace,
-                   session_timeout=30.0, heartbeat_interval=3.0, fetch_wait_busy_ms=500,
-                   fetch_wait_idle_ms=500)
+        return cls(
+            bootstrap=bootstrap,
+            partitions=partitions,
+            namespace=namespace,
+            session_timeout=30.0,
+            heartbeat_interval=3.0,
+            fetch_wait_busy_ms=500,
+            fetch_wait_idle_ms=500,
+        )
 
 
 class FetchTuner:
@@ -91,7 +98,8 @@ class FetchTuner:
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        self.app.fetch_tuner.register(consumer)
+        app: StreamApp = self.app  # type: ignore[assignment]  # Faust types it as AppT
+        app.fetch_tuner.register(consumer)
         return consumer
 
 
@@ -145,10 +153,8 @@ async def ensure_topics(settings: KafkaSettings, topics: tuple[str, ...] = TOPIC
         names = [settings.topic(t) for t in topics]
         missing = [NewTopic(t, settings.partitions, 1) for t in names if t not in existing]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()
 
@@ -156,5 +162,10 @@ async def ensure_topics(settings: KafkaSettings, topics: tuple[str, ...] = TOPIC
 def producer(settings: KafkaSettings) -> AIOKafkaProducer:
     # acks=all and no idempotence: the embedded broker fails InitProducerId; duplicates are
     # harmless because every consumer dedupes by command id or (run, version).
-    return AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all", linger_ms=0,
-                            enable_idempotence=False, max_batch_size=256 * 1024)
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap,
+        acks="all",
+        linger_ms=0,
+        enable_idempotence=False,
+        max_batch_size=256 * 1024,
+    )

@@ -28,8 +28,12 @@ async def watch_run(
     key = run_id.encode()
     partitions = list(range(kafka.partitions))
     partition = DefaultPartitioner()(key, partitions, partitions)
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, enable_auto_commit=False,
-                                fetch_max_wait_ms=5, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=5,
+        auto_offset_reset="earliest",
+    )
     await consumer.start()
     try:
         events = TopicPartition(kafka.topic(RUN_EVENTS), partition)

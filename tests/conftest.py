@@ -47,13 +47,18 @@ EngineFactory = Callable[..., contextlib.AbstractAsyncContextManager[Engine]]
 @pytest.fixture(scope="session")
 def engine_factory(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> EngineFactory:
     @contextlib.asynccontextmanager
-    async def start(store_url: str | None = None, kafka: KafkaSettings | None = None,
-                    **overrides: Any) -> AsyncIterator[Engine]:
+    async def start(
+        store_url: str | None = None, kafka: KafkaSettings | None = None, **overrides: Any
+    ) -> AsyncIterator[Engine]:
         home = tmp_path_factory.mktemp("engine")
         kafka = kafka or kafka_for(bootstrap)
-        settings = EngineSettings(kafka=kafka, store_url=store_url or f"sqlite:///{home}/events.db",
-                                  datadir=str(home / "faust"), group=f"g-{kafka.namespace}",
-                                  **overrides)
+        settings = EngineSettings(
+            kafka=kafka,
+            store_url=store_url or f"sqlite:///{home}/events.db",
+            datadir=str(home / "faust"),
+            group=f"g-{kafka.namespace}",
+            **overrides,
+        )
         engine = Engine(settings, ExecutorRegistry([PythonExecutor(max_concurrency=4)]))
         await engine.start()
         try:

@@ -21,12 +21,17 @@ async def publish(kafka: KafkaSettings, topic: str, key: bytes | None, value: by
         await producer.stop()
 
 
-async def read_until(kafka: KafkaSettings, topic: str, done: Callable[[list[Any]], bool],
-                     timeout: float = 30.0) -> list[Any]:
+async def read_until(
+    kafka: KafkaSettings, topic: str, done: Callable[[list[Any]], bool], timeout: float = 30.0
+) -> list[Any]:
     """Read `topic` from the beginning until `done(messages)` holds."""
-    consumer = AIOKafkaConsumer(kafka.topic(topic), bootstrap_servers=kafka.bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False,
-                                fetch_max_wait_ms=20)
+    consumer = AIOKafkaConsumer(
+        kafka.topic(topic),
+        bootstrap_servers=kafka.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=20,
+    )
     await consumer.start()
     messages: list[Any] = []
     try:

@@ -21,13 +21,22 @@ async def test_garbage_and_illegal_commands_are_dead_lettered_while_runs_complet
 
     await publish(kafka, COMMANDS, b"k1", b"\x00\xffnot json")
     await publish(kafka, COMMANDS, b"k2", b'{"type": "StartRun"}')
-    await publish(kafka, COMMANDS, unknown_run.encode(),
-                  encode(Envelope.new("CancelRun", unknown_run, {"reason": "x"})))
-    await publish(kafka, COMMANDS, finished.run_id.encode(),
-                  encode(Envelope.new("CancelRun", finished.run_id)))
-    await publish(kafka, COMMANDS, finished.run_id.encode(),
-                  encode(Envelope.new("NodeSucceeded", finished.run_id,
-                                      {"node_id": "square", "attempt_id": "nope", "output": 1})))
+    await publish(
+        kafka, COMMANDS, unknown_run.encode(), encode(Envelope.new("CancelRun", unknown_run, {"reason": "x"}))
+    )
+    await publish(
+        kafka, COMMANDS, finished.run_id.encode(), encode(Envelope.new("CancelRun", finished.run_id))
+    )
+    await publish(
+        kafka,
+        COMMANDS,
+        finished.run_id.encode(),
+        encode(
+            Envelope.new(
+                "NodeSucceeded", finished.run_id, {"node_id": "square", "attempt_id": "nope", "output": 1}
+            )
+        ),
+    )
     bad_start = start_command(bad_definition, {}, "acme")
     await publish(kafka, COMMANDS, bad_start.run_id.encode(), encode(bad_start))
     await publish(kafka, NODE_TASKS, b"k3", b"[1, 2, 3]")

@@ -24,19 +24,40 @@ from aggregates.store import RunStore
 from citadel.runs import start_command
 from streams.kafka import COMMANDS, RUN_EVENTS, KafkaSettings
 
-pytestmark = pytest.mark.skipif(bool(os.environ.get("CITADEL_KAFKA")),
-                                reason="kills the embedded broker of `citadel up`")
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("CITADEL_KAFKA")), reason="kills the embedded broker of `citadel up`"
+)
 
 RUNS = 12
 SLOW_CHAIN = {
     "name": "slow-chain",
     "nodes": [
-        {"id": "a", "type": "python", "config": {"inputs": {"n": "input.n"},
-         "code": "import time\ndef main(n):\n    time.sleep(0.3)\n    return n + 1"}},
-        {"id": "b", "type": "python", "needs": ["a"], "config": {"inputs": {"n": "a"},
-         "code": "import time\ndef main(n):\n    time.sleep(0.3)\n    return n * 2"}},
-        {"id": "c", "type": "python", "needs": ["b"], "config": {"inputs": {"n": "b"},
-         "code": "import time\ndef main(n):\n    time.sleep(0.3)\n    return n + 3"}},
+        {
+            "id": "a",
+            "type": "python",
+            "config": {
+                "inputs": {"n": "input.n"},
+                "code": "import time\ndef main(n):\n    time.sleep(0.3)\n    return n + 1",
+            },
+        },
+        {
+            "id": "b",
+            "type": "python",
+            "needs": ["a"],
+            "config": {
+                "inputs": {"n": "a"},
+                "code": "import time\ndef main(n):\n    time.sleep(0.3)\n    return n * 2",
+            },
+        },
+        {
+            "id": "c",
+            "type": "python",
+            "needs": ["b"],
+            "config": {
+                "inputs": {"n": "b"},
+                "code": "import time\ndef main(n):\n    time.sleep(0.3)\n    return n + 3",
+            },
+        },
         {"id": "d", "type": "transform", "needs": ["c"], "config": {"output": "c * 10"}},
     ],
     "outputs": {"result": "d"},
@@ -44,15 +65,20 @@ SLOW_CHAIN = {
 
 
 def start_engine(home: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "CITADEL_HOME": str(home), "CITADEL_PARTITIONS": "4",
-           "CITADEL_EXECUTOR_CONCURRENCY": "6"}
+    env = {
+        **os.environ,
+        "CITADEL_HOME": str(home),
+        "CITADEL_PARTITIONS": "4",
+        "CITADEL_EXECUTOR_CONCURRENCY": "6",
+    }
     env.pop("CITADEL_EVENT_STORE", None)
     log = open(home.parent / f"engine-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
     engine_file = home / "engine.json"
     if engine_file.exists():
         engine_file.unlink()
-    process = subprocess.Popen([sys.executable, "-m", "citadel.cli", "up"], env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "citadel.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 60
     while not engine_file.exists():
         assert process.poll() is None, f"citadel up exited with {process.returncode}"
@@ -67,9 +93,13 @@ def kafka_of(home: Path) -> KafkaSettings:
 
 
 async def collect(kafka: KafkaSettings, seen: set[tuple[str, int]], stop: asyncio.Event) -> None:
-    consumer = AIOKafkaConsumer(kafka.topic(RUN_EVENTS), bootstrap_servers=kafka.bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False,
-                                fetch_max_wait_ms=20)
+    consumer = AIOKafkaConsumer(
+        kafka.topic(RUN_EVENTS),
+        bootstrap_servers=kafka.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=20,
+    )
     await consumer.start()
     try:
         while not stop.is_set():
@@ -120,19 +150,24 @@ async def test_sigkill_mid_run_then_restart_completes_every_run_exactly_once(
     store = RunStore(f"sqlite:///{home / 'events.db'}")
     second: subprocess.Popen[bytes] | None = None
     try:
-        commands = [start_command(SLOW_CHAIN, {"n": n}, "acme", run_id=str(uuid.uuid4()))
-                    for n in range(RUNS)]
+        commands = [
+            start_command(SLOW_CHAIN, {"n": n}, "acme", run_id=str(uuid.uuid4())) for n in range(RUNS)
+        ]
         producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
         await producer.start()
         for command in commands:
-            await producer.send_and_wait(kafka.topic(COMMANDS), orjson.dumps(
-                command.model_dump(mode="json", exclude_none=True)), key=command.run_id.encode())
+            await producer.send_and_wait(
+                kafka.topic(COMMANDS),
+                orjson.dumps(command.model_dump(mode="json", exclude_none=True)),
+                key=command.run_id.encode(),
+            )
         await producer.stop()
         run_ids = [c.run_id for c in commands]
 
         # Kill once every run has started and some, but not all, node work is done.
-        await wait_for(lambda: statuses(store, run_ids)["node successes"] >= RUNS,
-                       60, "the first node successes")
+        await wait_for(
+            lambda: statuses(store, run_ids)["node successes"] >= RUNS, 60, "the first node successes"
+        )
         before = statuses(store, run_ids)
         assert before["completed"] < RUNS, "killed too late: every run had already finished"
         first.send_signal(signal.SIGKILL)
@@ -148,14 +183,18 @@ async def test_sigkill_mid_run_then_restart_completes_every_run_exactly_once(
             kafka = kafka_of(home)
             stop_second = asyncio.Event()
             collector = asyncio.create_task(collect(kafka, seen, stop_second))
-        await wait_for(lambda: statuses(store, run_ids)["completed"] == RUNS, 120,
-                       "every run to complete after the restart")
+        await wait_for(
+            lambda: statuses(store, run_ids)["completed"] == RUNS,
+            120,
+            "every run to complete after the restart",
+        )
 
         for n, run_id in enumerate(run_ids):
             run = store.run(run_id)
             assert run.outputs == {"result": ((n + 1) * 2 + 3) * 10}
-            successes = Counter(e.node_id for e in store.run_events(run_id)
-                                if type(e).__name__ == "NodeSucceeded")
+            successes = Counter(
+                e.node_id for e in store.run_events(run_id) if type(e).__name__ == "NodeSucceeded"
+            )
             assert successes == {"a": 1, "b": 1, "c": 1, "d": 1}, f"run {run_id}: {successes}"
 
         # Every committed event reached citadel.run-events (from one broker life or the other).

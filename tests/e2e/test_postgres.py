@@ -49,8 +49,11 @@ def test_postgresql_store_rejects_a_concurrent_writer_and_the_decision_is_retrie
             second.run(run_id)
             attempt = f"{run_id}:fetch:1"
             started = Envelope.new("AttemptStarted", run_id, {"node_id": "fetch", "attempt_id": attempt})
-            failed = Envelope.new("NodeFailed", run_id, {"node_id": "fetch", "attempt_id": attempt,
-                                                         "error_class": "ConnectionError", "message": "x"})
+            failed = Envelope.new(
+                "NodeFailed",
+                run_id,
+                {"node_id": "fetch", "attempt_id": attempt, "error_class": "ConnectionError", "message": "x"},
+            )
             second._get(uuid.UUID(run_id), {})
             assert first.decide([started], now)[0].outcome == "applied"
             assert second.decide([failed], now)[0].outcome == "applied"
