@@ -21,8 +21,10 @@ def fresh_schema() -> Iterator[str]:
     try:
         admin = psycopg.connect(PG_URL, autocommit=True)
     except psycopg.OperationalError as exc:
-        pytest.fail(f"the local PostgreSQL at {PG_URL} is not reachable ({exc}); start it with "
-                    "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`")
+        pytest.fail(
+            f"the local PostgreSQL at {PG_URL} is not reachable ({exc}); start it with "
+            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
+        )
     with admin:
         admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
         try:

@@ -260,9 +260,7 @@ def test_inline_nodes_run_in_the_decide_step_without_an_executor(run: RunUnderTe
 
 
 def test_a_run_of_only_inline_nodes_completes_when_it_starts(run: RunUnderTest) -> None:
-    definition = workflow(
-        transform("greeting", "'hello ' + input.name"), outputs={"greeting": "greeting"}
-    )
+    definition = workflow(transform("greeting", "'hello ' + input.name"), outputs={"greeting": "greeting"})
 
     events = run.when(run.start(definition, {"name": "Ada"}))
 
@@ -418,9 +416,7 @@ def test_the_delay_grows_exponentially_from_attempt_to_attempt(run: RunUnderTest
 
     assert events == ["NodeFailed flaky (will retry)", "RetryScheduled flaky#3"]
     retry = run.last("RetryScheduled")
-    delay = RetryPolicy.model_validate(RETRY).delay_before(
-        3, seed=f"retry:{run.attempt_id('flaky', 2)}"
-    )
+    delay = RetryPolicy.model_validate(RETRY).delay_before(3, seed=f"retry:{run.attempt_id('flaky', 2)}")
     assert retry.delay_seconds == pytest.approx(delay)
     assert 6.0 * 0.5 <= delay <= 6.0 * 1.5  # delay_seconds * multiplier, ± 50 % jitter
     assert dt.datetime.fromisoformat(retry.due_at) == later + dt.timedelta(seconds=delay)
@@ -438,9 +434,7 @@ def test_a_retry_waits_for_its_timer(run: RunUnderTest) -> None:
 @pytest.mark.parametrize(
     "early_by", [dt.timedelta(0), dt.timedelta(seconds=1)], ids=["at-due-time", "before-due-time"]
 )
-def test_the_retry_timer_firing_schedules_the_next_attempt(
-    run: RunUnderTest, early_by: dt.timedelta
-) -> None:
+def test_the_retry_timer_firing_schedules_the_next_attempt(run: RunUnderTest, early_by: dt.timedelta) -> None:
     run.given(run.start(RETRYING), run.failed("flaky"))
     retry = run.last("RetryScheduled")
     fired_at = dt.datetime.fromisoformat(retry.due_at) - early_by
@@ -887,9 +881,7 @@ def test_a_start_by_name_runs_the_latest_or_the_requested_version(store: RunStor
     latest, pinned = RunUnderTest(store), RunUnderTest(store)
 
     latest_events = latest.when(latest.command("StartRun", {"workflow": "spec"}))
-    pinned_events = pinned.when(
-        pinned.command("StartRun", {"workflow": "spec", "workflow_version": 1})
-    )
+    pinned_events = pinned.when(pinned.command("StartRun", {"workflow": "spec", "workflow_version": 1}))
 
     assert latest_events == ["Started", "NodeScheduled v2#1"]
     assert pinned_events == ["Started", "NodeScheduled v1#1"]
@@ -905,9 +897,7 @@ def test_a_start_by_name_sees_a_version_deployed_through_another_store(tmp_path:
     latest, pinned = RunUnderTest(worker), RunUnderTest(worker)
 
     latest_events = latest.when(latest.command("StartRun", {"workflow": "spec"}))
-    pinned_events = pinned.when(
-        pinned.command("StartRun", {"workflow": "spec", "workflow_version": 2})
-    )
+    pinned_events = pinned.when(pinned.command("StartRun", {"workflow": "spec", "workflow_version": 2}))
 
     assert latest_events == ["Started", "NodeScheduled v2#1"]
     assert pinned_events == ["Started", "NodeScheduled v2#1"]

@@ -125,9 +125,7 @@ def test_defaults_are_filled_in() -> None:
 def test_expressions_may_read_input_run_and_upstream_nodes() -> None:
     doc = document(
         python("a"),
-        transform(
-            "b", {"x": "a.value", "who": "input.user", "run": "run.id", "n": "run.attempt"}, "a"
-        ),
+        transform("b", {"x": "a.value", "who": "input.user", "run": "run.id", "n": "run.attempt"}, "a"),
         transform("c", "b.x", "b"),
         {"id": "d", "type": "log", "needs": ["c"], "config": {"message": "a.value"}},
         outputs={"x": "c", "first": "a"},
@@ -351,9 +349,7 @@ def test_an_unknown_node_field_is_named_once() -> None:
 def test_reading_a_needed_node_that_has_its_own_problem_adds_no_false_problem() -> None:
     broken = {**python("fetch"), "retries": 3}
 
-    problems = problems_of(
-        document(python("start"), broken, transform("t", "fetch.value", "fetch"))
-    )
+    problems = problems_of(document(python("start"), broken, transform("t", "fetch.value", "fetch")))
 
     assert [p.location for p in problems] == ["nodes.fetch.retries"]
 
@@ -529,9 +525,7 @@ def test_the_json_schema_accepts_a_good_document(validator: Draft202012Validator
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_the_json_schema_accepts_every_shipped_example(
-    validator: Draft202012Validator, path: Path
-) -> None:
+def test_the_json_schema_accepts_every_shipped_example(validator: Draft202012Validator, path: Path) -> None:
     assert list(validator.iter_errors(yaml.safe_load(path.read_text()))) == []
 
 

@@ -116,9 +116,7 @@ def test_undecodable_bytes_are_an_error_saying_not_json(data: bytes) -> None:
     assert decode_error(data).startswith("not JSON")
 
 
-@pytest.mark.parametrize(
-    "value", [[1, 2], "envelope", 3, None], ids=["array", "string", "number", "null"]
-)
+@pytest.mark.parametrize("value", [[1, 2], "envelope", 3, None], ids=["array", "string", "number", "null"])
 def test_json_that_is_not_an_object_is_an_error(value: Any) -> None:
     assert decode_error(orjson.dumps(value)) == "envelope must be a JSON object"
 
@@ -148,9 +146,7 @@ def test_every_missing_field_is_named_at_once() -> None:
     ],
     ids=["time", "payload", "empty-id", "run-id-not-a-string"],
 )
-def test_a_field_of_the_wrong_shape_is_an_error_naming_it(
-    fields: dict[str, Any], named: str
-) -> None:
+def test_a_field_of_the_wrong_shape_is_an_error_naming_it(fields: dict[str, Any], named: str) -> None:
     message = decode_error(orjson.dumps(wire(**fields)))
 
     assert message.startswith("invalid envelope")
@@ -239,9 +235,7 @@ def test_a_current_message_is_not_upcast(version_three: None) -> None:
 def test_upcasters_apply_only_to_their_message_type(version_three: None) -> None:
     register_start_run_upcasters()
 
-    envelope = decode(
-        orjson.dumps(wire(type="CancelRun", schema_version=1, payload={"params": {"n": 1}}))
-    )
+    envelope = decode(orjson.dumps(wire(type="CancelRun", schema_version=1, payload={"params": {"n": 1}})))
 
     assert (envelope.schema_version, envelope.payload) == (3, {"params": {"n": 1}})
 
@@ -285,9 +279,7 @@ def test_a_command_payload_is_typed_by_the_command_type() -> None:
         )
     )
 
-    assert result == NodeFailed(
-        node_id="a", attempt_id="r:a:1", error_class="ValueError", message="x"
-    )
+    assert result == NodeFailed(node_id="a", attempt_id="r:a:1", error_class="ValueError", message="x")
 
 
 def test_command_payload_defaults_are_filled_in() -> None:
