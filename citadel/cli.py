@@ -283,6 +283,59 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
             await stack_cm.__aexit__(None, None, None)
 
 
+BENCHMARKS = ("chain40", "throughput")
+
+
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="chain40 or throughput (see BENCHMARKS.md)")],
+    runs: Annotated[int, typer.Option(help="throughput: how many runs to start")] = 10_000,
+    repeats: Annotated[int, typer.Option(help="chain40: how many timed runs")] = 5,
+) -> None:
+    """Run a benchmark on the embedded stack; print a table and write bench/results/NAME.json."""
+    from bench import workloads
+
+    if name not in BENCHMARKS:
+        err.print(f"[red]unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}[/red]")
+        raise typer.Exit(EXIT_INVALID)
+    logging.basicConfig(level="WARNING")
+    if name == "chain40":
+        with err.status(f"chain40: {repeats} timed runs of 40 python nodes…"):
+            result = asyncio.run(workloads.chain40(repeats=repeats))
+    else:
+        progress = Progress(
+            TextColumn("throughput"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        )
+        with progress:
+            bar = progress.add_task("runs", total=runs)
+            result = asyncio.run(
+                workloads.throughput(
+                    runs=runs, progress=lambda done, total: progress.update(bar, completed=done)
+                )
+            )
+    table = Table(title=f"{name} ({result['path']})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in _flatten(result["figures"]):
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+def _flatten(figures: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            rows.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
 def _redact(url: str) -> str:
     from urllib.parse import urlparse
 

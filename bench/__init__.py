@@ -1,0 +1,1 @@
+"""The benchmark workloads of BENCHMARKS.md, run with `citadel bench NAME`."""

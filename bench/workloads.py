@@ -1,0 +1,243 @@
+"""chain40 and throughput (BENCHMARKS.md) on the embedded stack: bundled broker, SQLite, child-process python nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from bench.report import summary, write
+from citadel.runs import follow, start_command
+from citadel.settings import Settings
+from citadel.stack import running_stack
+from schemas.definition import parse_definition
+from streams.kafka import RUN_EVENTS
+
+FIB = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+
+
+def chain40_definition(length: int = 40) -> dict[str, Any]:
+    nodes = []
+    for i in range(length):
+        source = "input.v" if i == 0 else f"n{i - 1}"
+        nodes.append(
+            {
+                "id": f"n{i}",
+                "type": "python",
+                "needs": [] if i == 0 else [f"n{i - 1}"],
+                "config": {"inputs": {"v": source}, "code": FIB + "def main(v):\n    return v + fib(10)\n"},
+            }
+        )
+    return parse_definition(
+        {"name": "chain40", "nodes": nodes, "outputs": {"value": f"n{length - 1}"}}
+    ).model_dump(mode="json")
+
+
+def five_node_definition() -> dict[str, Any]:
+    return parse_definition(
+        {
+            "name": "five",
+            "nodes": [
+                {"id": "prepare", "type": "transform", "config": {"output": {"x": "input.n + 1"}}},
+                {
+                    "id": "double",
+                    "type": "python",
+                    "needs": ["prepare"],
+                    "config": {"inputs": {"x": "prepare.x"}, "code": "def main(x):\n    return x * 2\n"},
+                },
+                {
+                    "id": "big",
+                    "type": "condition",
+                    "needs": ["double"],
+                    "config": {"expression": "double > 10"},
+                },
+                {
+                    "id": "label",
+                    "type": "python",
+                    "needs": ["big"],
+                    "config": {
+                        "inputs": {"big": "big.result"},
+                        "code": "def main(big):\n    return 'big' if big else 'small'\n",
+                    },
+                },
+                {
+                    "id": "result",
+                    "type": "transform",
+                    "needs": ["label", "double"],
+                    "config": {"output": {"value": "double", "label": "label"}},
+                },
+            ],
+            "outputs": {"result": "result"},
+        }
+    ).model_dump(mode="json")
+
+
+def _settings(home: Path) -> Settings:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CITADEL_")}
+    env["CITADEL_HOME"] = str(home)
+    return Settings.from_env(env)
+
+
+async def chain40(repeats: int = 5, length: int = 40) -> dict[str, Any]:
+    definition = chain40_definition(length)
+    walls, internals = [], []
+    with tempfile.TemporaryDirectory(prefix="citadel-bench-") as home:
+        settings = _settings(Path(home))
+        async with running_stack(settings) as stack:
+            for i in range(repeats + 1):  # the first run warms up the executor
+                command = start_command(definition, {"v": i}, "bench")
+                started = time.perf_counter()
+                await stack.engine.submit(command)
+                report = await follow(stack.kafka, command.run_id, command.id)
+                wall = time.perf_counter() - started
+                assert report.status == "completed", report.error
+                assert report.outputs == {"value": i + 55 * length}
+                first, last = report.events[0], report.events[-1]
+                if i > 0:
+                    walls.append(wall)
+                    internals.append((last.time - first.time).total_seconds())
+    figures = {
+        "wall_seconds": summary(walls),
+        "started_to_completed_seconds": summary(internals),
+        "per_node_ms": summary([w / length * 1000 for w in walls]),
+    }
+    path = write(
+        "chain40",
+        {
+            "repeats": repeats,
+            "nodes": length,
+            "node": "python, fib(10)",
+            "sandbox": "child process (fork server); bubblewrap comes with issue 3",
+            "store": "sqlite",
+            "broker": "embedded tansu",
+        },
+        figures,
+    )
+    return {"figures": figures, "path": str(path)}
+
+
+def _tree_rss_kb(root: int) -> int:
+    """Resident memory of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        pid, ppid = int(entry), int(fields.get("PPid", "0").strip())
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0])
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+async def throughput(
+    runs: int = 10_000, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
+    definition = five_node_definition()
+    peak_rss_kb = 0
+    with tempfile.TemporaryDirectory(prefix="citadel-bench-") as home:
+        settings = _settings(Path(home))
+        async with running_stack(settings) as stack:
+            kafka = stack.kafka
+            consumer = AIOKafkaConsumer(
+                kafka.topic(RUN_EVENTS),
+                bootstrap_servers=kafka.bootstrap,
+                auto_offset_reset="earliest",
+                enable_auto_commit=False,
+                fetch_max_wait_ms=20,
+                group_id=None,
+            )
+            await consumer.start()
+            started_at: dict[str, float] = {}
+            latencies: list[float] = []
+            done = 0
+            failed = 0
+
+            async def count() -> None:
+                nonlocal done, failed
+                while done + failed < runs:
+                    batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                    for records in batch.values():
+                        for record in records:
+                            event = orjson.loads(record.value)
+                            kind = event["type"]
+                            if kind == "Started":
+                                started_at[event["run_id"]] = _ts(event["time"])
+                            elif kind in ("Completed", "Failed", "Cancelled"):
+                                if kind == "Completed":
+                                    done += 1
+                                else:
+                                    failed += 1
+                                latencies.append(_ts(event["time"]) - started_at.get(event["run_id"], 0))
+                    if progress:
+                        progress(done + failed, runs)
+
+            async def sample() -> None:
+                nonlocal peak_rss_kb
+                while True:
+                    peak_rss_kb = max(peak_rss_kb, _tree_rss_kb(os.getpid()))
+                    await asyncio.sleep(0.5)
+
+            sampler = asyncio.create_task(sample())
+            counter = asyncio.create_task(count())
+            began = time.perf_counter()
+            for start in range(0, runs, 500):
+                commands = [
+                    start_command(definition, {"n": n}, "bench", run_id=str(uuid.uuid4()))
+                    for n in range(start, min(runs, start + 500))
+                ]
+                await asyncio.gather(*(stack.engine.submit(c) for c in commands))
+            submitted = time.perf_counter() - began
+            await counter
+            elapsed = time.perf_counter() - began
+            sampler.cancel()
+            await consumer.stop()
+    figures = {
+        "runs": runs,
+        "completed": done,
+        "failed": failed,
+        "elapsed_seconds": elapsed,
+        "submit_seconds": submitted,
+        "runs_per_second": done / elapsed,
+        "node_executions_per_second": done * 5 / elapsed,
+        "run_latency_seconds": summary(latencies),
+        "peak_rss_mb": peak_rss_kb / 1024,
+    }
+    path = write(
+        "throughput",
+        {
+            "runs": runs,
+            "nodes_per_run": 5,
+            "workflow": "transform, python, condition, python, transform",
+            "sandbox": "child process (fork server)",
+            "store": "sqlite",
+            "broker": "embedded tansu",
+            "partitions": settings.partitions,
+            "executor_concurrency": settings.executor_concurrency,
+        },
+        figures,
+    )
+    return {"figures": figures, "path": str(path)}
+
+
+def _ts(value: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(value).timestamp()
