@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.metadata
 import json
@@ -53,10 +54,8 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     memory_kb = 0
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):
         memory_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

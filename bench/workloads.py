@@ -1,4 +1,4 @@
-"""chain40 and throughput (BENCHMARKS.md) on the embedded stack: bundled broker, SQLite, child-process python nodes."""
+"""chain40 and throughput (BENCHMARKS.md) on the embedded stack: bundled broker, SQLite, python nodes."""
 
 from __future__ import annotations
 
