@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from functools import lru_cache
+from collections import OrderedDict
 from typing import Any
 
 import orjson
@@ -29,9 +29,17 @@ class Rejected(Exception):
     """A command that the run's state machine does not allow; the message says why."""
 
 
-@lru_cache(maxsize=256)
-def _definition(serialised: bytes) -> WorkflowDefinition:
-    return WorkflowDefinition.model_validate(orjson.loads(serialised))
+_SPECS: OrderedDict[str, WorkflowDefinition] = OrderedDict()  # digest -> definition
+
+
+def _spec(digest: str, document: dict[str, Any]) -> WorkflowDefinition:
+    """The parsed definition of a run, shared by every run of the same definition."""
+    spec = _SPECS.get(digest)
+    if spec is None:
+        spec = _SPECS[digest] = WorkflowDefinition.model_validate(document)
+        if len(_SPECS) > 256:
+            _SPECS.popitem(last=False)
+    return spec
 
 
 def run_uuid(run_id: str) -> uuid.UUID:
@@ -53,11 +61,13 @@ class Run(Aggregate):
         workflow: str,
         workflow_version: int,
         definition: dict[str, Any],
+        digest: str,
         input: dict[str, Any],
         tenant: str,
         command_id: str,
     ) -> None:
         self.run_id = run_id
+        self.digest = digest
         self.workflow = workflow
         self.workflow_version = workflow_version
         self.definition = definition
@@ -91,6 +101,7 @@ class Run(Aggregate):
             workflow=definition.name,
             workflow_version=definition.version,
             definition=definition.model_dump(mode="json"),
+            digest=definition.digest(),
             input=input,
             tenant=tenant,
             command_id=command_id,
@@ -100,7 +111,7 @@ class Run(Aggregate):
 
     @property
     def spec(self) -> WorkflowDefinition:
-        return _definition(orjson.dumps(self.definition, option=orjson.OPT_SORT_KEYS))
+        return _spec(self.digest, self.definition)
 
     def has_applied(self, command_id: str) -> bool:
         return command_id in self.applied

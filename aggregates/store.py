@@ -12,10 +12,12 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+import orjson
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 from jsonschema import Draft202012Validator
@@ -89,6 +91,7 @@ class RunStore(Application[uuid.UUID]):
         # The library reads this class-level seam through the instance; set it per store.
         self.snapshotting_intervals = {Run: snapshot_interval}  # type: ignore[misc]
         self._cache: OrderedDict[uuid.UUID, Run | Workflow] = OrderedDict()
+        self._deployed: set[tuple[str, int, str]] = set()  # (name, version, digest) known saved
         self._cache_size = cache_size
 
     # ---- reading ---------------------------------------------------------
@@ -184,14 +187,19 @@ class RunStore(Application[uuid.UUID]):
         self, payload: StartRun, touched: dict[uuid.UUID, Run | Workflow]
     ) -> WorkflowDefinition:
         if payload.definition is not None:
-            definition = parse_definition(payload.definition)
+            definition = _parse(orjson.dumps(payload.definition, option=orjson.OPT_SORT_KEYS))
             _check_input(definition, payload.input)  # before deploying: a rejected start changes nothing
+            deployed = (definition.name, definition.version, definition.digest())
+            if deployed in self._deployed:
+                return definition  # a deployed version never changes: no need to load the workflow
             key = workflow_id(definition.name)
             workflow = self._get(key, touched)
             if not isinstance(workflow, Workflow):
                 workflow = Workflow(name=definition.name)
             if workflow.deploy(definition) or workflow.version == 1:
                 touched[key] = workflow
+            else:
+                self._deployed.add(deployed)
             return definition
         if not payload.workflow:
             raise Rejected("StartRun needs either a definition or the name of a deployed workflow")
@@ -248,8 +256,19 @@ class _CommandCrashed(Exception):
         self.reason = reason
 
 
+@lru_cache(maxsize=512)
+def _parse(canonical: bytes) -> WorkflowDefinition:
+    """Validating a definition is costly and the same one arrives with every StartRun."""
+    return parse_definition(orjson.loads(canonical))
+
+
+@lru_cache(maxsize=512)
+def _input_validator(schema: bytes) -> Draft202012Validator:
+    return Draft202012Validator(orjson.loads(schema))
+
+
 def _check_input(definition: WorkflowDefinition, value: dict[str, Any]) -> None:
-    validator = Draft202012Validator(definition.input)
+    validator = _input_validator(orjson.dumps(definition.input, option=orjson.OPT_SORT_KEYS))
     errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
     if errors:
         problems = "; ".join(f"input{''.join(f'.{p}' for p in e.absolute_path)}: {e.message}" for e in errors)
