@@ -62,7 +62,7 @@ def persistence_env(url: str) -> dict[str, str]:
         path = Path(unquote(parsed.path))
         path.parent.mkdir(parents=True, exist_ok=True)
         return {
-            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "PERSISTENCE_MODULE": "aggregates.sqlite_store",
             "SQLITE_DBNAME": str(path),
             "SQLITE_LOCK_TIMEOUT": "30",
         }
