@@ -176,7 +176,8 @@ async def test_sigkill_mid_run_then_restart_completes_every_run_exactly_once(
             broker = json.loads((home / "broker.json").read_text())
             os.kill(broker["pid"], signal.SIGKILL)
             stop_first.set()
-            await collector
+            collector.cancel()
+            await asyncio.gather(collector, return_exceptions=True)
 
         second = start_engine(home)
         if kill_broker:

@@ -43,10 +43,11 @@ def test_postgresql_store_rejects_a_concurrent_writer_and_the_decision_is_retrie
             definition = example("retry.yaml")
             run_id = str(uuid.uuid4())
             now = dt.datetime.now(dt.UTC)
-            first.decide([Envelope.new("StartRun", run_id, {"definition": definition, "input": {}})], now)
-            # Both writers load the run, then both decide on it: the second save conflicts,
+            start = Envelope.new("StartRun", run_id, {"definition": definition, "input": {"order": "o"}})
+            assert first.decide([start], now)[0].outcome == "applied"
+            # Both writers hold the run, then both decide on it: the second save conflicts,
             # reloads, and applies its command on top of the first writer's events.
-            second.run(run_id)
+            assert second.decide([start], now)[0].outcome == "duplicate"
             attempt = f"{run_id}:fetch:1"
             started = Envelope.new("AttemptStarted", run_id, {"node_id": "fetch", "attempt_id": attempt})
             failed = Envelope.new(
@@ -54,7 +55,6 @@ def test_postgresql_store_rejects_a_concurrent_writer_and_the_decision_is_retrie
                 run_id,
                 {"node_id": "fetch", "attempt_id": attempt, "error_class": "ConnectionError", "message": "x"},
             )
-            second._get(uuid.UUID(run_id), {})
             assert first.decide([started], now)[0].outcome == "applied"
             assert second.decide([failed], now)[0].outcome == "applied"
             kinds = [type(e).__name__ for e in first.run_events(run_id)]

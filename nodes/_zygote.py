@@ -1,0 +1,445 @@
+"""The python node's zygote: a warm process that forks one fresh child per attempt.
+
+Run as `python -m nodes._zygote RUNTIME_DIR PARENT_PID OUTPUT_CAP_BYTES`. The zygote keeps
+a few spare children forked ahead of demand: each has already left the zygote's session,
+tied its life to the zygote and set up its stdio and scratch directory, so an attempt only
+pays for handing over the connection. A child serves exactly one attempt and then exits.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import ctypes
+import gc
+import importlib
+import json
+import linecache
+import math
+import os
+import resource
+import select
+import shutil
+import signal
+import socket
+import struct
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+# Passed on to user code; everything else in the engine's environment may hold secrets.
+KEPT_ENVIRONMENT = ("PATH", "LANG", "LANGUAGE", "TZ")
+KEPT_ENVIRONMENT_PREFIXES = ("LC_",)
+
+# Imported once here so that each forked child gets them for free. Modules that register
+# fork handlers (threading via subprocess, random's reseeding) would slow every fork instead.
+PRELOADED_MODULES = (
+    "base64",
+    "collections",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "functools",
+    "hashlib",
+    "itertools",
+    "re",
+    "string",
+    "typing",
+)
+
+SOCKET_NAME = "zygote.sock"
+ATTEMPTS_DIR_NAME = "attempts"
+READY_LINE = b"ready\n"
+SPARE_CHILDREN = 2
+
+NODE_FILENAME = "<node>"
+FRAME_HEADER = struct.Struct(">I")
+TRUNCATION_MARK = "\n... [truncated]"
+TRACEBACK_FRAMES = 5
+ERROR_MESSAGE_CAP_CHARS = 16 * 1024
+# How long the zygote waits for an engine to take a report; it serves nobody else meanwhile.
+REPORT_SEND_TIMEOUT_SECONDS = 1.0
+
+FILE_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+ADDRESS_SPACE_LIMIT_BYTES = 1024 * 1024 * 1024
+
+PR_SET_PDEATHSIG = 1
+# In a child: first its end of the hand-off channel, then the attempt's connection.
+CONNECTION_FD = 3
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection before a whole frame arrived."""
+
+
+def kept_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The part of an environment that user code may see."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if name in KEPT_ENVIRONMENT or name.startswith(KEPT_ENVIRONMENT_PREFIXES)
+    }
+
+
+def encode_frame(payload: bytes) -> bytes:
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
+def send_frame(fd: int, payload: bytes) -> None:
+    view = memoryview(encode_frame(payload))
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def recv_frame(fd: int) -> bytes:
+    (length,) = FRAME_HEADER.unpack(_recv_exactly(fd, FRAME_HEADER.size))
+    return _recv_exactly(fd, length)
+
+
+def _recv_exactly(fd: int, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = os.read(fd, size - len(chunks))
+        if not chunk:
+            raise ConnectionClosed(f"connection closed after {len(chunks)} of {size} bytes")
+        chunks += chunk
+    return bytes(chunks)
+
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent() -> None:
+    # The kernel, not our code, must clean up if the parent is SIGKILLed.
+    if _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def read_capped(path: str, cap: int) -> str:
+    """A captured output file as text, cut to `cap` bytes with a visible mark."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(cap + 1)
+    except OSError:
+        return ""
+    if len(data) > cap:
+        return data[:cap].decode("utf-8", "replace") + TRUNCATION_MARK
+    return data.decode("utf-8", "replace")
+
+
+@dataclass
+class Child:
+    """A forked child: a spare while it holds a hand-off channel, then an attempt's runner."""
+
+    pid: int
+    pidfd: int
+    workdir: str
+    channel: socket.socket | None
+    connection: socket.socket | None = None
+
+
+class Zygote:
+    """The zygote's loop: hands connections to spare children and reports how each one ended."""
+
+    def __init__(self, runtime_dir: str, output_cap_bytes: int) -> None:
+        self.runtime_dir = runtime_dir
+        self.attempts_dir = os.path.join(runtime_dir, ATTEMPTS_DIR_NAME)
+        self.output_cap_bytes = output_cap_bytes
+        self.pid = os.getpid()
+        self.children: dict[int, Child] = {}
+        self.spares: list[Child] = []
+        self.poller = select.poll()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def serve(self) -> NoReturn:
+        """Accept attempt connections until the engine closes our stdin."""
+        socket_path = os.path.join(self.runtime_dir, SOCKET_NAME)
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)
+        os.makedirs(self.attempts_dir, exist_ok=True)
+        self.listener.bind(socket_path)
+        self.listener.listen(128)
+        self.listener.setblocking(False)
+        self.poller.register(sys.stdin.fileno(), select.POLLIN)
+        self.poller.register(self.listener.fileno(), select.POLLIN)
+        # Objects that exist now are never collected, so forks share their pages for good.
+        gc.freeze()
+        self._top_up_spares()
+        os.write(sys.stdout.fileno(), READY_LINE)
+        while True:
+            for fd, _ in self.poller.poll():
+                if fd == sys.stdin.fileno():
+                    if not os.read(fd, 4096):
+                        os._exit(0)
+                elif fd == self.listener.fileno():
+                    self._accept()
+                else:
+                    self._finish(self.children.pop(fd))
+            self._top_up_spares()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            # Children read it blocking; accept() from a non-blocking listener may not be.
+            connection.setblocking(True)
+            self._hand_off(connection)
+
+    def _hand_off(self, connection: socket.socket) -> None:
+        while True:
+            child = self.spares.pop(0) if self.spares else self._fork_spare()
+            assert child.channel is not None
+            try:
+                socket.send_fds(child.channel, [b"c"], [connection.fileno()])
+            except OSError:
+                # That spare died while idle; its pidfd will report it.
+                continue
+            finally:
+                child.channel.close()
+                child.channel = None
+            child.connection = connection
+            return
+
+    def _top_up_spares(self) -> None:
+        while len(self.spares) < SPARE_CHILDREN:
+            self.spares.append(self._fork_spare())
+
+    def _fork_spare(self) -> Child:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            _run_child(theirs.fileno(), self.attempts_dir, self.pid, self.output_cap_bytes)
+        theirs.close()
+        pidfd = os.pidfd_open(pid)
+        child = Child(pid, pidfd, os.path.join(self.attempts_dir, str(pid)), ours)
+        self.children[pidfd] = child
+        self.poller.register(pidfd, select.POLLIN)
+        return child
+
+    def _finish(self, child: Child) -> None:
+        """Reap an exited child, kill what it left behind, and tell its engine how it ended."""
+        # The unreaped zombie still holds the group id, so this cannot hit a recycled pid.
+        with contextlib.suppress(OSError):
+            os.killpg(child.pid, signal.SIGKILL)
+        _, status = os.waitpid(child.pid, 0)
+        self.poller.unregister(child.pidfd)
+        os.close(child.pidfd)
+        if child.channel is not None:
+            self.spares.remove(child)
+            child.channel.close()
+        if child.connection is not None:
+            self._report_ending(child, child.connection, status)
+        shutil.rmtree(child.workdir, ignore_errors=True)
+
+    def _report_ending(self, child: Child, connection: socket.socket, status: int) -> None:
+        ending: dict[str, Any] = (
+            {"exit": "signal", "signal": os.WTERMSIG(status)}
+            if os.WIFSIGNALED(status)
+            else {"exit": "status", "status": os.waitstatus_to_exitcode(status)}
+        )
+        # A child that replied already removed its workdir, so these are empty then.
+        ending["stdout"] = read_capped(os.path.join(child.workdir, "stdout"), self.output_cap_bytes)
+        ending["stderr"] = read_capped(os.path.join(child.workdir, "stderr"), self.output_cap_bytes)
+        # The engine may already have its reply and have hung up; then nobody needs this.
+        with contextlib.suppress(OSError):
+            connection.settimeout(REPORT_SEND_TIMEOUT_SECONDS)
+            connection.sendall(encode_frame(json.dumps(ending).encode()))
+        connection.close()
+
+
+def serve(runtime_dir: str, parent_pid: int, output_cap_bytes: int) -> NoReturn:
+    """Start the zygote: tie it to the engine, scrub its environment, warm it up, serve."""
+    _die_with_parent()
+    if os.getppid() != parent_pid:
+        os._exit(0)
+    kept = kept_environment(dict(os.environ))
+    os.environ.clear()
+    os.environ.update(kept)
+    for name in PRELOADED_MODULES:
+        importlib.import_module(name)
+    # Line buffering keeps what user code printed before a timeout kill.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=True)  # type: ignore[union-attr]
+    Zygote(runtime_dir, output_cap_bytes).serve()
+
+
+def _run_child(channel_fd: int, attempts_dir: str, zygote_pid: int, output_cap: int) -> NoReturn:
+    """Run one child's whole life and exit without ever returning into the zygote's loop."""
+    exit_status = 1
+    try:
+        _serve_one_attempt(channel_fd, attempts_dir, zygote_pid, output_cap)
+        exit_status = 0
+    except BaseException:
+        # Stderr is the attempt's capture file by now, so the engine gets to see this.
+        traceback.print_exc()
+    finally:
+        os._exit(exit_status)
+
+
+def _serve_one_attempt(channel_fd: int, attempts_dir: str, zygote_pid: int, output_cap: int) -> None:
+    """Be a spare until handed a connection, then run that one attempt."""
+    # Inherited zygote objects must never be finalized here: they would close
+    # descriptor numbers that this attempt has reused.
+    gc.freeze()
+    os.setsid()
+    _die_with_parent()
+    if os.getppid() != zygote_pid:
+        return
+    _keep_only_channel(channel_fd)
+    workdir = os.path.join(attempts_dir, str(os.getpid()))
+    try:
+        _prepare_workdir(workdir)
+        setup_error = None
+    except OSError as exc:
+        setup_error = exc
+    if not _receive_connection():
+        return
+    send_frame(CONNECTION_FD, b'{"pid":%d}' % os.getpid())
+    request = json.loads(recv_frame(CONNECTION_FD))
+    if setup_error is not None:
+        result: bytes | dict[str, str] = _failure(
+            "ExecutorError", f"could not set up the attempt: {setup_error}"
+        )
+    else:
+        _limit_resources(request["timeout_seconds"])
+        result = _run_user_code(request)
+    _flush_user_output()
+    stdout = read_capped(os.path.join(workdir, "stdout"), output_cap)
+    stderr = read_capped(os.path.join(workdir, "stderr"), output_cap)
+    send_frame(CONNECTION_FD, _reply(result, stdout, stderr))
+    # After the reply, so the engine does not wait for it; the zygote removes what is left.
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _keep_only_channel(channel_fd: int) -> None:
+    """Close every inherited descriptor (the zygote's, other attempts') but stdio and ours."""
+    if channel_fd != CONNECTION_FD:
+        os.dup2(channel_fd, CONNECTION_FD, inheritable=False)
+    os.closerange(CONNECTION_FD + 1, os.sysconf("SC_OPEN_MAX"))
+
+
+def _prepare_workdir(workdir: str) -> None:
+    """Point stdio at this attempt's capture files and work in its own scratch directory."""
+    scratch = os.path.join(workdir, "work")
+    os.makedirs(scratch)
+    for target, path, flags in (
+        (0, os.devnull, os.O_RDONLY),
+        (1, os.path.join(workdir, "stdout"), os.O_WRONLY | os.O_CREAT | os.O_EXCL),
+        (2, os.path.join(workdir, "stderr"), os.O_WRONLY | os.O_CREAT | os.O_EXCL),
+    ):
+        fd = os.open(path, flags, 0o600)
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(scratch)
+
+
+def _receive_connection() -> bool:
+    """Wait for an attempt's connection on the hand-off channel; put it at CONNECTION_FD."""
+    channel = socket.socket(fileno=CONNECTION_FD)
+    try:
+        _, fds, _, _ = socket.recv_fds(channel, 1, 1)
+    finally:
+        channel.detach()
+    if not fds:
+        return False  # The zygote is shutting down.
+    os.dup2(fds[0], CONNECTION_FD, inheritable=False)
+    os.close(fds[0])
+    return True
+
+
+def _limit_resources(timeout_seconds: float) -> None:
+    cpu_seconds = math.ceil(timeout_seconds) + 1
+    _lower_limit(resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1)
+    _lower_limit(resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT_BYTES, FILE_SIZE_LIMIT_BYTES)
+    _lower_limit(resource.RLIMIT_AS, ADDRESS_SPACE_LIMIT_BYTES, ADDRESS_SPACE_LIMIT_BYTES)
+
+
+def _lower_limit(which: int, soft: int, hard: int) -> None:
+    _, current_hard = resource.getrlimit(which)
+    if current_hard != resource.RLIM_INFINITY:
+        hard = min(hard, current_hard)
+        soft = min(soft, hard)
+    resource.setrlimit(which, (soft, hard))
+
+
+def _run_user_code(request: dict[str, Any]) -> bytes | dict[str, str]:
+    """Compile, load and call the node's code: its result as JSON, or the failure's fields."""
+    source: str = request["code"]
+    entrypoint: str = request["entrypoint"]
+    linecache.cache[NODE_FILENAME] = (len(source), None, source.splitlines(True), NODE_FILENAME)
+    try:
+        compiled = compile(source, NODE_FILENAME, "exec")
+    except SyntaxError as exc:
+        detail = "".join(traceback.format_exception_only(exc)).rstrip()
+        return _failure(type(exc).__name__, detail)
+
+    namespace: dict[str, Any] = {"__name__": "__node__", "__builtins__": builtins}
+    try:
+        exec(compiled, namespace)
+        function = namespace.get(entrypoint)
+        if not callable(function):
+            return _failure(
+                "EntrypointNotFound",
+                f"the code defines no function named {entrypoint!r}; define it, "
+                "or set config.entrypoint to the function to call",
+            )
+        result = function(**request["inputs"])
+    except BaseException as exc:
+        return _failure(type(exc).__name__, _describe_user_exception(exc))
+
+    try:
+        output = json.dumps(result, allow_nan=False).encode()
+    except Exception as exc:
+        return _failure(
+            "ResultNotJSON",
+            f"{entrypoint}() returned a {type(result).__name__}, which is not JSON-serialisable: {exc}",
+        )
+    if len(output) > request["result_cap_bytes"]:
+        return _failure(
+            "ResultTooLarge",
+            f"{entrypoint}() returned {len(output)} bytes of JSON; "
+            f"the limit is {request['result_cap_bytes']} bytes",
+        )
+    return output
+
+
+def _describe_user_exception(exc: BaseException) -> str:
+    try:
+        detail = str(exc)
+    except Exception:
+        detail = f"<unprintable {type(exc).__name__}>"
+    if isinstance(exc, MemoryError):
+        detail = f"{detail} (the node may use at most {ADDRESS_SPACE_LIMIT_BYTES} bytes of memory)"
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == NODE_FILENAME]
+    if not frames:
+        return detail
+    lines = "".join(traceback.StackSummary.from_list(frames[-TRACEBACK_FRAMES:]).format())
+    return f"{detail}\n\nTraceback (node code, most recent call last):\n{lines}".rstrip()
+
+
+def _failure(error_class: str, message: str) -> dict[str, str]:
+    if len(message) > ERROR_MESSAGE_CAP_CHARS:
+        message = message[:ERROR_MESSAGE_CAP_CHARS] + TRUNCATION_MARK
+    return {"error_class": error_class, "error_message": message}
+
+
+def _reply(result: bytes | dict[str, str], stdout: str, stderr: str) -> bytes:
+    streams = json.dumps({"stdout": stdout, "stderr": stderr}).encode()
+    if isinstance(result, bytes):
+        # The result is already JSON: splice it in rather than decode and encode it again.
+        return b'{"ok":true,"output":' + result + b"," + streams[1:]
+    return json.dumps({"ok": False, **result, "stdout": stdout, "stderr": stderr}).encode()
+
+
+def _flush_user_output() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        # User code may have replaced or closed a stream; what reached the file is kept.
+        with contextlib.suppress(Exception):
+            stream.flush()  # type: ignore[union-attr]
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -1,0 +1,410 @@
+"""The `python` node executor: runs user code in a fresh child forked by a zygote process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from nodes import _zygote
+from schemas.tasks import NodeOutcome, NodeTask
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ZYGOTE_STARTUP_TIMEOUT_SECONDS = 10.0
+ZYGOTE_STOP_TIMEOUT_SECONDS = 2.0
+# How long to wait, after killing a timed-out attempt, for the zygote's report of its output.
+ENDING_REPORT_TIMEOUT_SECONDS = 1.0
+# Room in a reply frame for the envelope and an error message, beyond the result itself.
+REPLY_OVERHEAD_BYTES = 1024 * 1024
+# sun_path holds 108 bytes, including the terminating NUL.
+UNIX_SOCKET_PATH_MAX_BYTES = 107
+
+SIGNAL_HINTS = {
+    signal.SIGKILL: "killed from outside the node, often by the kernel when memory ran out",
+    signal.SIGXCPU: "it used more CPU time than its limit (timeout rounded up, plus 1 s)",
+}
+
+
+class ZygoteStartError(RuntimeError):
+    """The python executor's zygote process did not come up."""
+
+
+class ZygoteUnavailable(RuntimeError):
+    """The zygote refused or dropped an attempt even after a restart."""
+
+
+class MalformedReply(Exception):
+    """An attempt connection carried something other than the expected frames."""
+
+
+class InvalidTask(ValueError):
+    """The task's config or inputs cannot be turned into a request for the zygote."""
+
+
+class ZygoteProcess:
+    """The engine's handle on the zygote: launches it, restarts it, and says where it listens."""
+
+    def __init__(self, runtime_dir: Path, output_cap_bytes: int) -> None:
+        self.runtime_dir = runtime_dir
+        self.socket_path = runtime_dir / _zygote.SOCKET_NAME
+        self.output_cap_bytes = output_cap_bytes
+        self.generation = 0
+        self._process: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def command(self) -> list[str]:
+        """The zygote's command line: the one place a sandbox wrapper will slot in."""
+        return [
+            sys.executable,
+            "-m",
+            "nodes._zygote",
+            str(self.runtime_dir),
+            str(os.getpid()),
+            str(self.output_cap_bytes),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        """Only basics: the zygote's initial environment stays readable in /proc by its children."""
+        environment = _zygote.kept_environment(dict(os.environ))
+        environment["PYTHONPATH"] = str(PROJECT_ROOT)
+        return environment
+
+    async def ensure_running(self) -> int:
+        """Launch the zygote if it is not running; return the generation to pass to `restart`."""
+        async with self._lock:
+            if self._process is None or self._process.returncode is not None:
+                await self._launch()
+            return self.generation
+
+    async def restart(self, generation: int) -> None:
+        """Replace the zygote, unless another attempt already replaced that generation."""
+        async with self._lock:
+            if generation == self.generation:
+                await self._terminate()
+                await self._launch()
+
+    async def stop(self) -> None:
+        async with self._lock:
+            await self._terminate()
+
+    async def _launch(self) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *self.command(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=self.environment(),
+            cwd=self.runtime_dir,
+            # Out of the engine's session, so a Ctrl-C meant for the engine does not reach it.
+            start_new_session=True,
+        )
+        assert process.stdout is not None
+        try:
+            async with asyncio.timeout(ZYGOTE_STARTUP_TIMEOUT_SECONDS):
+                ready = await process.stdout.readline()
+        except TimeoutError:
+            ready = b""
+        except BaseException:
+            # Cancelled mid-launch: do not leave a zygote behind that nobody tracks.
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            raise
+        if ready != _zygote.READY_LINE:
+            await _kill(process)
+            raise ZygoteStartError(
+                f"the python executor's zygote ({' '.join(self.command())}) did not report "
+                f"ready within {ZYGOTE_STARTUP_TIMEOUT_SECONDS:g} s (exit status "
+                f"{process.returncode}); its stderr is in the engine's log"
+            )
+        self._process = process
+        self.generation += 1
+
+    async def _terminate(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        # Closing stdin is the zygote's signal to exit; its children die with it.
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            async with asyncio.timeout(ZYGOTE_STOP_TIMEOUT_SECONDS):
+                await process.wait()
+        except TimeoutError:
+            await _kill(process)
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    await process.wait()
+
+
+class AttemptConnection:
+    """One engine-side connection to the zygote, carrying length-prefixed JSON frames."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socket.setblocking(False)
+        self._buffer = bytearray()
+
+    async def connect(self, path: Path) -> None:
+        await self._loop.sock_connect(self._socket, str(path))
+
+    async def send(self, payload: bytes) -> None:
+        await self._loop.sock_sendall(self._socket, _zygote.encode_frame(payload))
+
+    async def receive(self, limit: int) -> dict[str, Any]:
+        header = await self._read_exactly(_zygote.FRAME_HEADER.size)
+        (length,) = _zygote.FRAME_HEADER.unpack(header)
+        if length > limit:
+            raise MalformedReply(f"a {length}-byte frame, over the {limit}-byte limit")
+        try:
+            message = json.loads(await self._read_exactly(length))
+        except ValueError as exc:
+            raise MalformedReply(f"a frame that is not JSON: {exc}") from None
+        if not isinstance(message, dict):
+            raise MalformedReply(f"a frame holding a {type(message).__name__}, not an object")
+        return message
+
+    def close(self) -> None:
+        self._socket.close()
+
+    async def _read_exactly(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            chunk = await self._loop.sock_recv(self._socket, max(65536, size - len(self._buffer)))
+            if not chunk:
+                raise _zygote.ConnectionClosed(
+                    f"connection closed with {len(self._buffer)} of {size} bytes read"
+                )
+            self._buffer += chunk
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+
+class PythonExecutor:
+    """Runs `python` nodes: each attempt in a fresh process forked from a warm zygote.
+
+    `config["code"]` defines a function named `config.get("entrypoint", "main")`, which
+    is called as `main(**inputs)`; its JSON-serialisable return value is the output.
+    """
+
+    node_types: tuple[str, ...] = ("python",)
+
+    def __init__(
+        self,
+        max_concurrency: int = 8,
+        output_cap_bytes: int = 64 * 1024,
+        result_cap_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.max_concurrency = max_concurrency
+        self.output_cap_bytes = output_cap_bytes
+        self.result_cap_bytes = result_cap_bytes
+        # Output and error text are JSON-escaped, at worst 6 bytes per byte.
+        self._reply_limit = result_cap_bytes + 12 * output_cap_bytes + REPLY_OVERHEAD_BYTES
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._zygote: ZygoteProcess | None = None
+
+    @property
+    def zygote_pid(self) -> int | None:
+        return self._zygote.pid if self._zygote is not None else None
+
+    async def start(self) -> None:
+        if self._zygote is not None:
+            return
+        runtime_dir = Path(tempfile.mkdtemp(prefix="citadel-python-"))
+        self._zygote = ZygoteProcess(runtime_dir, self.output_cap_bytes)
+        socket_path = self._zygote.socket_path
+        if len(os.fsencode(socket_path)) > UNIX_SOCKET_PATH_MAX_BYTES:
+            await self.stop()
+            raise ZygoteStartError(
+                f"the zygote's socket path {socket_path} is longer than the "
+                f"{UNIX_SOCKET_PATH_MAX_BYTES} bytes a Unix socket allows; "
+                "point TMPDIR at a shorter directory"
+            )
+        try:
+            await self._zygote.ensure_running()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        zygote, self._zygote = self._zygote, None
+        if zygote is not None:
+            await zygote.stop()
+            shutil.rmtree(zygote.runtime_dir, ignore_errors=True)
+
+    async def execute(self, task: NodeTask) -> NodeOutcome:
+        zygote = self._zygote
+        if zygote is None:
+            return NodeOutcome.failure(
+                "ExecutorUnavailable", "the python executor is not started; call start() first"
+            )
+        try:
+            request = self._request(task)
+        except InvalidTask as exc:
+            return NodeOutcome.failure(type(exc).__name__, str(exc))
+        async with self._slots:
+            # Time spent waiting for a slot is the engine's, not the node's.
+            started = time.perf_counter()
+            outcome = await self._run(zygote, task, request)
+            outcome.duration_ms = (time.perf_counter() - started) * 1000
+            return outcome
+
+    def _request(self, task: NodeTask) -> bytes:
+        code = task.config.get("code")
+        if not isinstance(code, str) or not code.strip():
+            raise InvalidTask(f"node {task.node_id!r} has no Python source in config.code")
+        entrypoint = task.config.get("entrypoint", "main")
+        if not isinstance(entrypoint, str) or not entrypoint.isidentifier():
+            raise InvalidTask(
+                f"node {task.node_id!r} has config.entrypoint {entrypoint!r}; "
+                "it must be the name of a function defined in config.code"
+            )
+        request = {
+            "code": code,
+            "entrypoint": entrypoint,
+            "inputs": task.inputs,
+            "timeout_seconds": task.timeout_seconds,
+            "result_cap_bytes": self.result_cap_bytes,
+        }
+        try:
+            return json.dumps(request, allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidTask(f"node {task.node_id!r} has inputs that are not JSON: {exc}") from None
+
+    async def _run(self, zygote: ZygoteProcess, task: NodeTask, request: bytes) -> NodeOutcome:
+        connection: AttemptConnection | None = None
+        pid: int | None = None
+        try:
+            async with asyncio.timeout(task.timeout_seconds):
+                connection, pid = await self._open_attempt(zygote, request)
+                reply = await connection.receive(self._reply_limit)
+            return self._outcome(task, reply)
+        except TimeoutError:
+            return await self._time_out(zygote, task, connection, pid)
+        except (ZygoteStartError, ZygoteUnavailable) as exc:
+            return NodeOutcome.failure("ExecutorUnavailable", str(exc))
+        except _zygote.ConnectionClosed:
+            return NodeOutcome.failure(
+                "Crashed",
+                f"the process of node {task.node_id!r} ended without a result, and the "
+                "python executor's zygote went away with it; the attempt can be retried",
+            )
+        except MalformedReply as exc:
+            return NodeOutcome.failure(
+                "ProtocolError",
+                f"the process of node {task.node_id!r} sent {exc}; did the code write to "
+                f"file descriptor {_zygote.CONNECTION_FD}?",
+            )
+        finally:
+            if connection is not None:
+                connection.close()
+
+    async def _open_attempt(self, zygote: ZygoteProcess, request: bytes) -> tuple[AttemptConnection, int]:
+        """Hand the request to a fresh child and learn its pid, restarting a dead zygote once."""
+        # No user code runs before the child says hello, so retrying is safe.
+        for _ in range(2):
+            generation = await zygote.ensure_running()
+            connection = AttemptConnection()
+            try:
+                await connection.connect(zygote.socket_path)
+                await connection.send(request)
+                hello = await connection.receive(self._reply_limit)
+            except (OSError, _zygote.ConnectionClosed, MalformedReply):
+                connection.close()
+                await zygote.restart(generation)
+                continue
+            except BaseException:
+                connection.close()
+                raise
+            if "pid" in hello:
+                return connection, int(hello["pid"])
+            # The zygote reported the child dead before it said hello; the zygote is fine.
+            connection.close()
+        raise ZygoteUnavailable("the python executor's zygote dropped the attempt before starting it, twice")
+
+    async def _time_out(
+        self,
+        zygote: ZygoteProcess,
+        task: NodeTask,
+        connection: AttemptConnection | None,
+        pid: int | None,
+    ) -> NodeOutcome:
+        limit = f"node {task.node_id!r} did not finish within its {task.timeout_seconds:g} s timeout"
+        if connection is None or pid is None:
+            # Restarting the zygote here would kill every other attempt in flight.
+            return NodeOutcome.failure(
+                "Timeout", f"{limit}; the python executor's zygote had not started it yet (overloaded?)"
+            )
+        # The child leads its own process group, so this also reaches everything it spawned.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        ending = await self._ending(connection)
+        return NodeOutcome.failure(
+            "Timeout",
+            f"{limit}; its process group was killed",
+            stdout=str(ending.get("stdout", "")),
+            stderr=str(ending.get("stderr", "")),
+        )
+
+    async def _ending(self, connection: AttemptConnection) -> dict[str, Any]:
+        """The zygote's report on a killed child, carrying its captured output, if it comes."""
+        try:
+            async with asyncio.timeout(ENDING_REPORT_TIMEOUT_SECONDS):
+                while True:
+                    frame = await connection.receive(self._reply_limit)
+                    if "exit" in frame:
+                        return frame
+        except (TimeoutError, _zygote.ConnectionClosed, MalformedReply):
+            return {}
+
+    def _outcome(self, task: NodeTask, reply: dict[str, Any]) -> NodeOutcome:
+        stdout = str(reply.get("stdout", ""))
+        stderr = str(reply.get("stderr", ""))
+        if reply.get("ok") is True:
+            return NodeOutcome.success(reply.get("output"), 0.0, stdout, stderr)
+        if reply.get("ok") is False:
+            return NodeOutcome.failure(
+                str(reply.get("error_class")),
+                str(reply.get("error_message")),
+                stdout=stdout,
+                stderr=stderr,
+            )
+        if reply.get("exit") == "signal":
+            return NodeOutcome.failure(
+                "Crashed",
+                f"the process of node {task.node_id!r} was killed by "
+                f"{_describe_signal(int(reply['signal']))}",
+                stdout=stdout,
+                stderr=stderr,
+            )
+        return NodeOutcome.failure(
+            "Crashed",
+            f"the process of node {task.node_id!r} exited with status {reply.get('status')} "
+            "before returning a result (see its stderr); did the code call os._exit()?",
+            stdout=stdout,
+            stderr=stderr,
+        )
+
+
+def _describe_signal(number: int) -> str:
+    try:
+        known = signal.Signals(number)
+    except ValueError:
+        return f"signal {number}"
+    hint = SIGNAL_HINTS.get(known)
+    return f"{known.name} ({hint})" if hint else known.name
