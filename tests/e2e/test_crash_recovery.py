@@ -21,10 +21,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from aggregates.store import RunStore
-from citadel.runs import start_command
+from citadel.runs import follow, start_command
 from streams.kafka import COMMANDS, RUN_EVENTS, KafkaSettings
+from streams.watch import watch_run
+from tests.conftest import EngineFactory
 
-pytestmark = pytest.mark.skipif(
+embedded_only = pytest.mark.skipif(
     bool(os.environ.get("CITADEL_KAFKA")), reason="kills the embedded broker of `citadel up`"
 )
 
@@ -136,6 +138,7 @@ async def wait_for(condition: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
+@embedded_only
 @pytest.mark.parametrize("kill_broker", [False, True], ids=["worker-killed", "worker-and-broker-killed"])
 async def test_sigkill_mid_run_then_restart_completes_every_run_exactly_once(
     tmp_path: Path, kill_broker: bool
@@ -216,3 +219,38 @@ async def test_sigkill_mid_run_then_restart_completes_every_run_exactly_once(
         if broker_file.exists():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(json.loads(broker_file.read_text())["pid"], signal.SIGKILL)
+
+
+async def test_a_retry_timer_pending_when_the_engine_stops_fires_after_restart(
+    engine_factory: EngineFactory, tmp_path: Path, bootstrap: str
+) -> None:
+    """The due time lives in the event store: a new engine (on a broker that kept nothing)
+    re-arms it on start, and the run goes on."""
+    flaky = {
+        "name": "flaky-timer",
+        "nodes": [
+            {
+                "id": "once",
+                "type": "python",
+                "retry": {"max_attempts": 2, "backoff": "constant", "delay_seconds": 3, "jitter": 0},
+                "config": {
+                    "inputs": {"attempt": "run.attempt"},
+                    "code": "def main(attempt):\n    if attempt == 1:\n"
+                    "        raise TimeoutError('first try')\n    return attempt\n",
+                },
+            }
+        ],
+        "outputs": {"attempts": "once"},
+    }
+    store_url = f"sqlite:///{tmp_path / 'events.db'}"
+    command = start_command(flaky, {}, "acme")
+    async with engine_factory(store_url=store_url) as first:
+        await first.submit(command)
+        async for event in watch_run(first.settings.kafka, command.run_id):
+            if event.type == "RetryScheduled":
+                break
+    # A fresh topic namespace: as if the embedded broker had restarted empty.
+    async with engine_factory(store_url=store_url) as second:
+        report = await asyncio.wait_for(follow(second.settings.kafka, command.run_id), 30)
+    assert report.status == "completed"
+    assert report.outputs == {"attempts": 2}
