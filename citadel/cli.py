@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -272,7 +274,8 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
             f"[green]Citadel is up[/green] ({mode} at {stack.kafka.bootstrap}; "
             f"event store {_redact(settings.event_store)})"
         )
-        err.print("  run a workflow:  citadel run examples/linear.yaml --input '{\"n\": 5}'")
+        program = "citadel" if shutil.which("citadel") else os.path.relpath(sys.argv[0])
+        err.print(f"  run a workflow:  {program} run examples/linear.yaml --input '{{\"n\": 5}}'")
         err.print("  stop:            Ctrl-C")
         await stop.wait()
         err.print("stopping…")

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
 from aggregates.ledger import Ledger, open_ledger
@@ -132,6 +133,7 @@ class Engine:
         self._outbox_wake = asyncio.Event()
         self._runs: OrderedDict[str, tuple[str, str]] = OrderedDict()  # run id -> (tenant, workflow)
         self._log_attempts: set[str] = set()
+        self._partitioner = DefaultPartitioner()
         self._tasks: list[asyncio.Task[Any]] = []
         self.started = asyncio.Event()
 
@@ -274,7 +276,10 @@ class Engine:
         assert self.store is not None
         self.app.fetch_tuner.activity()
         commands: list[Envelope] = []
-        for _, event in batch:
+        for stream, event in batch:
+            if stream is None:
+                commands.append(event)  # handed over in-process by this worker's executor
+                continue
             try:
                 commands.append(decode(event.message.value))
             except EnvelopeError as exc:
@@ -286,7 +291,8 @@ class Engine:
                 if verdict.outcome == REJECTED:
                     await self.dead_letter(COMMANDS, _Raw(verdict.command), verdict.reason)
         for stream, event in batch:
-            await stream.ack(event)
+            if stream is not None:
+                await stream.ack(event)
 
     # ---- publish (outbox) ------------------------------------------------
 
@@ -410,10 +416,28 @@ class Engine:
                 id=f"{task.attempt_id}:started",
                 tenant=task.tenant,
             )
-            await self._send(self._topic(COMMANDS), task.run_id, encode(started))
+            await self._report(started)
             outcome = await self.executors.execute(task)
             # Awaiting delivery before the task is acked: a result is never lost, at worst repeated.
-            await self.submit(result_command(task, outcome))
+            await (await self._report(result_command(task, outcome)))
+
+    async def _report(self, command: Envelope) -> asyncio.Future[Any]:
+        """Publish an executor's command; if this worker decides the run, also hand it to decide.
+
+        The in-process copy saves a round trip through the broker on every node; the published
+        copy keeps it durable and arrives later as a duplicate (same command id), which decide
+        recognises and skips.
+        """
+        delivery = await self._send(self._topic(COMMANDS), command.run_id, encode(command))
+        if self._decides(command.run_id):
+            await self._decide_queue.put((None, command))
+        return delivery
+
+    def _decides(self, run_id: str) -> bool:
+        """Whether this worker owns the commands partition of the run (and so decides it)."""
+        partitions = self.settings.kafka.partitions
+        partition = self._partitioner(run_id.encode(), list(range(partitions)), list(range(partitions)))
+        return TopicPartition(self._topic(COMMANDS), partition) in self.app.consumer.assignment()
 
     # ---- reconcile -------------------------------------------------------
 
