@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import orjson
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, Recording
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
@@ -41,6 +41,14 @@ from schemas.envelope import (
 log = logging.getLogger(__name__)
 
 APPLIED, DUPLICATE, REJECTED = "applied", "duplicate", "rejected"
+
+
+class Decisions(list["Verdict"]):
+    """The verdicts of a batch, in command order, and the events the batch recorded."""
+
+    def __init__(self, verdicts: list[Verdict], recordings: list[Recording[uuid.UUID]]) -> None:
+        super().__init__(verdicts)
+        self.recordings = recordings
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,7 @@ class RunStore(Application[uuid.UUID]):
 
     # ---- deciding --------------------------------------------------------
 
-    def decide(self, commands: Sequence[Envelope], now: dt.datetime) -> list[Verdict]:
+    def decide(self, commands: Sequence[Envelope], now: dt.datetime) -> Decisions:
         """Apply commands in order and save every resulting event in one transaction."""
         poisoned: dict[int, str] = {}
         for _ in range(len(commands) + 3):
@@ -133,7 +141,7 @@ class RunStore(Application[uuid.UUID]):
 
     def _decide_once(
         self, commands: Sequence[Envelope], now: dt.datetime, poisoned: dict[int, str]
-    ) -> list[Verdict]:
+    ) -> Decisions:
         touched: dict[uuid.UUID, Run | Workflow] = {}
         verdicts = []
         for index, command in enumerate(commands):
@@ -150,11 +158,10 @@ class RunStore(Application[uuid.UUID]):
             except Exception as exc:
                 log.exception("command %s (%s) crashed the decide step", command.id, command.type)
                 raise _CommandCrashed(index, f"internal error: {type(exc).__name__}: {exc}") from exc
-        if touched:
-            self.save(*touched.values())
-            for key, aggregate in touched.items():
-                self._remember(key, aggregate)
-        return verdicts
+        recordings = self.save(*touched.values()) if touched else []
+        for key, aggregate in touched.items():
+            self._remember(key, aggregate)
+        return Decisions(verdicts, recordings)
 
     def _apply(
         self,

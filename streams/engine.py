@@ -12,7 +12,8 @@ import base64
 import contextlib
 import datetime as dt
 import logging
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
+from eventsourcing.persistence import Notification
 from pydantic import ValidationError
 
 from aggregates.ledger import Ledger, open_ledger
@@ -134,6 +136,9 @@ class Engine:
         self._runs: OrderedDict[str, tuple[str, str]] = OrderedDict()  # run id -> (tenant, workflow)
         self._log_attempts: set[str] = set()
         self._partitioner = DefaultPartitioner()
+        self._handoff: deque[tuple[int, str, Any]] = deque(maxlen=100_000)
+        self._local_tasks: asyncio.Queue[NodeTask] = asyncio.Queue(2 * settings.executor_concurrency)
+        self._local_attempts: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self._tasks: list[asyncio.Task[Any]] = []
         self.started = asyncio.Event()
 
@@ -154,6 +159,7 @@ class Engine:
             self._outbox_loop(),
             self.timers.run(),
             self.app.fetch_tuner.run(),
+            *(self._local_executor() for _ in range(settings.executor_concurrency)),
         ):
             self._tasks.append(asyncio.create_task(coroutine))
         await self.app.start()
@@ -286,6 +292,9 @@ class Engine:
                 await self.dead_letter(COMMANDS, event.message, f"undecodable command: {exc}")
         if commands:
             verdicts = await self._in_store(self.store.decide, commands, self.clock.now())
+            self._handoff.extend(
+                (r.notification.id, r.notification.topic, r.domain_event) for r in verdicts.recordings
+            )
             self._outbox_wake.set()
             for verdict in verdicts:
                 if verdict.outcome == REJECTED:
@@ -299,46 +308,72 @@ class Engine:
     async def _outbox_loop(self) -> None:
         assert self.ledger is not None
         position = await self._in_store(self.ledger.position, OUTBOX)
+        ledger = _LedgerWriter(position)
         while True:
             try:
-                position = await self._publish_from(position)
+                position = await self._publish_from(position, ledger)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("publishing run events failed; retrying from position %d", position)
                 await asyncio.sleep(1.0)
 
-    async def _publish_from(self, position: int) -> int:
+    async def _publish_from(self, position: int, ledger: _LedgerWriter) -> int:
+        """Publish what was committed after `position`; return the new position."""
         assert self.store is not None and self.ledger is not None
-        notifications = await self._in_store(
-            self.store.recorder.select_notifications, position + 1, self.settings.outbox_batch
-        )
-        if not notifications:
+        batch = self._take_handoff(position)
+        if not batch:
+            notifications = await self._in_store(
+                self.store.recorder.select_notifications, position + 1, self.settings.outbox_batch
+            )
+            batch = [(n.id, n.topic, n) for n in notifications]
+        if not batch:
+            if ledger.pending:
+                await self._in_store(ledger.flush, self.ledger)
             self._outbox_wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._outbox_wake.wait(), self.settings.outbox_poll_seconds)
             return position
-        started: list[str] = []
-        finished: list[str] = []
         deliveries = []
-        for notification in notifications:
-            if not notification.topic.startswith("aggregates.run:"):
+        for _, topic, item in batch:
+            if not topic.startswith("aggregates.run:"):
                 continue
-            domain_event = self.store.mapper.to_domain_event(notification)
+            domain_event = (
+                item if not isinstance(item, Notification) else self.store.mapper.to_domain_event(item)
+            )
             run_id = str(domain_event.originator_id)
             tenant, workflow = await self._run_identity(run_id, domain_event)
             envelope = event_envelope(domain_event, tenant)
             deliveries.append(await self._send(self._topic(RUN_EVENTS), run_id, encode(envelope)))
             deliveries.extend(await self._follow_up(envelope, workflow))
             if envelope.type == "Started":
-                started.append(run_id)
+                ledger.started.append(run_id)
             elif envelope.type in TERMINAL_EVENTS:
-                finished.append(run_id)
+                ledger.finished.append(run_id)
                 self._runs.pop(run_id, None)
         await asyncio.gather(*deliveries)
-        last = notifications[-1].id
-        await self._in_store(self.ledger.advance, OUTBOX, last, started, finished)
-        return int(last)
+        ledger.position = int(batch[-1][0])
+        if ledger.due():
+            await self._in_store(ledger.flush, self.ledger)
+        return ledger.position
+
+    def _take_handoff(self, position: int) -> list[tuple[int, str, Any]]:
+        """Events this process just recorded, if they follow `position` without a gap.
+
+        Reading them back from the store would cost a query and a decode per batch; a gap
+        (another writer, or a restart) falls back to reading the store.
+        """
+        handoff = self._handoff
+        while handoff and handoff[0][0] <= position:
+            handoff.popleft()
+        if not handoff or handoff[0][0] != position + 1:
+            return []
+        batch: list[tuple[int, str, Any]] = []
+        expected = position + 1
+        while handoff and handoff[0][0] == expected and len(batch) < self.settings.outbox_batch:
+            batch.append(handoff.popleft())
+            expected += 1
+        return batch
 
     async def _follow_up(self, envelope: Envelope, workflow: str) -> list[asyncio.Future[Any]]:
         """What a committed event sets in motion: a node task, a timer, a log line."""
@@ -346,6 +381,7 @@ class Engine:
         if envelope.type == "NodeScheduled":
             if not payload["inline"]:
                 task = task_from_event(envelope.run_id, envelope.tenant, workflow, payload)
+                self._dispatch_here(task)
                 return [
                     await self._send(
                         self._topic(NODE_TASKS), envelope.run_id, task.model_dump_json().encode()
@@ -402,6 +438,30 @@ class Engine:
 
     # ---- execute ---------------------------------------------------------
 
+    def _dispatch_here(self, task: NodeTask) -> None:
+        """Start a task on this worker's executors at once, without waiting for the broker.
+
+        Only for runs whose node-tasks partition this worker consumes, so the published copy
+        comes back here and is skipped; when the local queue is full the published copy does
+        the work instead, and Kafka's lag is the backpressure.
+        """
+        if not self._consumes(NODE_TASKS, task.run_id) or self._local_tasks.full():
+            return
+        self._local_attempts[task.attempt_id] = asyncio.get_running_loop().create_future()
+        while len(self._local_attempts) > 100_000:  # copies that never came back (rebalance)
+            self._local_attempts.popitem(last=False)
+        self._local_tasks.put_nowait(task)
+
+    async def _local_executor(self) -> None:
+        while True:
+            task = await self._local_tasks.get()
+            try:
+                await self._execute(task)
+            finally:
+                done = self._local_attempts.get(task.attempt_id)
+                if done is not None and not done.done():
+                    done.set_result(None)
+
     async def _execute_agent(self, stream: Any) -> None:
         async for event in stream.events():
             try:
@@ -409,17 +469,25 @@ class Engine:
             except ValidationError as exc:
                 await self.dead_letter(NODE_TASKS, event.message, f"undecodable node task: {exc}")
                 continue
-            started = Envelope.new(
-                "AttemptStarted",
-                task.run_id,
-                {"node_id": task.node_id, "attempt_id": task.attempt_id},
-                id=f"{task.attempt_id}:started",
-                tenant=task.tenant,
-            )
-            await self._report(started)
-            outcome = await self.executors.execute(task)
-            # Awaiting delivery before the task is acked: a result is never lost, at worst repeated.
-            await (await self._report(result_command(task, outcome)))
+            local = self._local_attempts.pop(task.attempt_id, None)
+            if local is not None:
+                # Started here already: ack the copy only once that run has reported its result.
+                await asyncio.shield(local)
+                continue
+            await self._execute(task)
+
+    async def _execute(self, task: NodeTask) -> None:
+        started = Envelope.new(
+            "AttemptStarted",
+            task.run_id,
+            {"node_id": task.node_id, "attempt_id": task.attempt_id},
+            id=f"{task.attempt_id}:started",
+            tenant=task.tenant,
+        )
+        await self._report(started)
+        outcome = await self.executors.execute(task)
+        # Awaiting delivery before the task is acked: a result is never lost, at worst repeated.
+        await (await self._report(result_command(task, outcome)))
 
     async def _report(self, command: Envelope) -> asyncio.Future[Any]:
         """Publish an executor's command; if this worker decides the run, also hand it to decide.
@@ -429,15 +497,15 @@ class Engine:
         recognises and skips.
         """
         delivery = await self._send(self._topic(COMMANDS), command.run_id, encode(command))
-        if self._decides(command.run_id):
+        if self._consumes(COMMANDS, command.run_id):
             await self._decide_queue.put((None, command))
         return delivery
 
-    def _decides(self, run_id: str) -> bool:
-        """Whether this worker owns the commands partition of the run (and so decides it)."""
-        partitions = self.settings.kafka.partitions
-        partition = self._partitioner(run_id.encode(), list(range(partitions)), list(range(partitions)))
-        return TopicPartition(self._topic(COMMANDS), partition) in self.app.consumer.assignment()
+    def _consumes(self, topic: str, run_id: str) -> bool:
+        """Whether this worker consumes the run's partition of `topic` (commands: decides it)."""
+        partitions = list(range(self.settings.kafka.partitions))
+        partition = self._partitioner(run_id.encode(), partitions, partitions)
+        return TopicPartition(self._topic(topic), partition) in self.app.consumer.assignment()
 
     # ---- reconcile -------------------------------------------------------
 
@@ -475,6 +543,37 @@ class Engine:
                 len(deliveries),
                 len(self.timers),
             )
+
+
+class _LedgerWriter:
+    """Batches the outbox's position and active-run updates: one transaction per interval.
+
+    A position written late only means republishing a few events after a crash, which every
+    consumer dedupes by (run, version); position and active runs always move together.
+    """
+
+    INTERVAL_SECONDS = 0.2
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self._flushed = position
+        self._last = time.monotonic()
+
+    @property
+    def pending(self) -> bool:
+        return self.position != self._flushed
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.INTERVAL_SECONDS or len(self.started) > 5000
+
+    def flush(self, ledger: Ledger) -> None:
+        started, finished = self.started, self.finished
+        self.started, self.finished = [], []
+        ledger.advance(OUTBOX, self.position, started, finished)
+        self._flushed = self.position
+        self._last = time.monotonic()
 
 
 def _load_runs(store: RunStore, run_ids: list[str]) -> list[Run]:
