@@ -137,7 +137,9 @@ class Engine:
         self._log_attempts: set[str] = set()
         self._partitioner = DefaultPartitioner()
         self._handoff: deque[tuple[int, str, Any]] = deque(maxlen=100_000)
-        self._local_tasks: asyncio.Queue[NodeTask] = asyncio.Queue(2 * settings.executor_concurrency)
+        self._local_tasks: asyncio.Queue[tuple[NodeTask, asyncio.Future[None]]] = asyncio.Queue(
+            2 * settings.executor_concurrency
+        )
         self._local_attempts: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self._tasks: list[asyncio.Task[Any]] = []
         self.started = asyncio.Event()
@@ -447,20 +449,19 @@ class Engine:
         """
         if not self._consumes(NODE_TASKS, task.run_id) or self._local_tasks.full():
             return
-        self._local_attempts[task.attempt_id] = asyncio.get_running_loop().create_future()
+        done = asyncio.get_running_loop().create_future()
+        self._local_attempts[task.attempt_id] = done
         while len(self._local_attempts) > 100_000:  # copies that never came back (rebalance)
             self._local_attempts.popitem(last=False)
-        self._local_tasks.put_nowait(task)
+        self._local_tasks.put_nowait((task, done))
 
     async def _local_executor(self) -> None:
         while True:
-            task = await self._local_tasks.get()
+            task, done = await self._local_tasks.get()
             try:
                 await self._execute(task)
             finally:
-                done = self._local_attempts.get(task.attempt_id)
-                if done is not None and not done.done():
-                    done.set_result(None)
+                done.set_result(None)
 
     async def _execute_agent(self, stream: Any) -> None:
         async for event in stream.events():

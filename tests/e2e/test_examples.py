@@ -60,5 +60,40 @@ async def test_flaky_node_retries_with_backoff_then_succeeds(engine: Engine) -> 
 
 
 async def test_many_runs_at_once_all_complete(engine: Engine) -> None:
-    reports = await asyncio.gather(*(run_to_end(engine, example("linear.yaml"), {"n": n}) for n in range(20)))
-    assert [r.outputs["result"] for r in reports] == [(2 * n) ** 2 + 1 for n in range(20)]
+    reports = await asyncio.gather(
+        *(run_to_end(engine, example("linear.yaml"), {"n": n}) for n in range(150))
+    )
+    assert [r.outputs["result"] for r in reports] == [(2 * n) ** 2 + 1 for n in range(150)]
+
+
+async def test_runs_of_slow_nodes_outnumbering_the_executors_all_complete(engine: Engine) -> None:
+    """More attempts than executor slots: some start on this worker at once, the rest wait in
+    Kafka; every one runs and reports exactly once."""
+    slow = parse_definition(
+        {
+            "name": "slow",
+            "nodes": [
+                {
+                    "id": "a",
+                    "type": "python",
+                    "config": {
+                        "inputs": {"n": "input.n"},
+                        "code": "import time\ndef main(n):\n    time.sleep(0.05)\n    return n + 1",
+                    },
+                },
+                {
+                    "id": "b",
+                    "type": "python",
+                    "needs": ["a"],
+                    "config": {
+                        "inputs": {"n": "a"},
+                        "code": "import time\ndef main(n):\n    time.sleep(0.05)\n    return n * 10",
+                    },
+                },
+            ],
+            "outputs": {"result": "b"},
+        }
+    ).model_dump(mode="json")
+    reports = await asyncio.gather(*(run_to_end(engine, slow, {"n": n}) for n in range(40)))
+    assert [r.outputs["result"] for r in reports] == [(n + 1) * 10 for n in range(40)]
+    assert all(n.attempts == 1 for r in reports for n in r.nodes.values())
