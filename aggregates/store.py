@@ -100,6 +100,7 @@ class RunStore(Application[uuid.UUID]):
         self.snapshotting_intervals = {Run: snapshot_interval}  # type: ignore[misc]
         self._cache: OrderedDict[uuid.UUID, Run | Workflow] = OrderedDict()
         self._deployed: set[tuple[str, int, str]] = set()  # (name, version, digest) known saved
+        self._recent: OrderedDict[str, None] = OrderedDict()  # ids of commands this store applied
         self._cache_size = cache_size
 
     # ---- reading ---------------------------------------------------------
@@ -148,6 +149,11 @@ class RunStore(Application[uuid.UUID]):
             if index in poisoned:
                 verdicts.append(Verdict(command, REJECTED, poisoned[index]))
                 continue
+            if command.id in self._recent:
+                # Saved by this store moments ago (a worker hands its own results to decide
+                # before their published copies arrive): known without loading the run.
+                verdicts.append(Verdict(command, DUPLICATE))
+                continue
             try:
                 payload = command_payload(command)
                 outcome = self._apply(command, payload, now, touched)
@@ -161,6 +167,11 @@ class RunStore(Application[uuid.UUID]):
         recordings = self.save(*touched.values()) if touched else []
         for key, aggregate in touched.items():
             self._remember(key, aggregate)
+        for verdict in verdicts:
+            if verdict.outcome == APPLIED:
+                self._recent[verdict.command.id] = None
+        while len(self._recent) > self._cache_size * 10:
+            self._recent.popitem(last=False)
         return Decisions(verdicts, recordings)
 
     def _apply(
