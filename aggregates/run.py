@@ -100,7 +100,7 @@ class Run(Aggregate):
             run_id=run_id,
             workflow=definition.name,
             workflow_version=definition.version,
-            definition=definition.model_dump(mode="json"),
+            definition=definition.document,
             digest=definition.digest(),
             input=input,
             tenant=tenant,

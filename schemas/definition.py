@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import hashlib
 from collections.abc import Iterable
+from functools import cached_property
 from typing import Any, Literal
 
 import orjson
@@ -181,8 +182,17 @@ class WorkflowDefinition(Strict):
                 stack.extend(by_id[current].needs)
         return seen
 
+    @cached_property
+    def document(self) -> dict[str, Any]:
+        """The normalised JSON document of this definition (defaults filled in)."""
+        return self.model_dump(mode="json")
+
+    @cached_property
+    def _digest(self) -> str:
+        return hashlib.sha256(orjson.dumps(self.document, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
     def digest(self) -> str:
-        return hashlib.sha256(orjson.dumps(self.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
+        return self._digest
 
 
 class Problem(Strict):

@@ -70,7 +70,20 @@ def upcaster(message_type: str, from_version: int) -> Callable[[Upcaster], Upcas
 
 
 def encode(envelope: Envelope) -> bytes:
-    return orjson.dumps(envelope.model_dump(mode="json", exclude_none=True))
+    # Built by hand: pydantic's model_dump costs more than the rest of encoding together,
+    # and orjson writes datetimes as RFC 3339 itself.
+    document: dict[str, Any] = {
+        "id": envelope.id,
+        "type": envelope.type,
+        "run_id": envelope.run_id,
+        "tenant": envelope.tenant,
+        "time": envelope.time,
+        "schema_version": envelope.schema_version,
+        "payload": envelope.payload,
+    }
+    if envelope.version is not None:
+        document["version"] = envelope.version
+    return orjson.dumps(document, option=orjson.OPT_UTC_Z)
 
 
 def decode(data: bytes | None) -> Envelope:
