@@ -6,6 +6,9 @@ runs may still need work survive any restart together with the events themselves
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 import sqlite3
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -19,6 +22,12 @@ class Ledger(Protocol):
         """Store `position` and update the active runs, in one transaction."""
 
     def active_runs(self) -> list[str]: ...
+
+    def try_lead(self) -> bool:
+        """Become the one outbox publisher of this store, or say that another process is.
+
+        Held until close (or the process dies), so a crashed leader's place is taken at once.
+        """
 
     def close(self) -> None: ...
 
@@ -40,6 +49,8 @@ _TABLES = (
 
 class SQLiteLedger:
     def __init__(self, path: str) -> None:
+        self._lock_path = f"{path}.outbox.lock"
+        self._lock: int | None = None
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         for statement in _TABLES:
@@ -70,7 +81,22 @@ class SQLiteLedger:
     def active_runs(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT run_id FROM citadel_active_runs")]
 
+    def try_lead(self) -> bool:
+        if self._lock is not None:
+            return True
+        descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            return False
+        self._lock = descriptor
+        return True
+
     def close(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
         self._db.close()
 
 
@@ -84,6 +110,9 @@ class PostgresLedger:
         self._db: Any = psycopg.connect(parsed._replace(query="").geturl(), autocommit=True)
         if schema:
             self._db.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        # One outbox per store: the lock is named after the schema the store lives in.
+        digest = hashlib.blake2b(f"citadel-outbox:{schema or 'public'}".encode(), digest_size=8)
+        self._lock_key = int.from_bytes(digest.digest(), "big", signed=True)
         for statement in _TABLES:
             self._db.execute(statement)
 
@@ -106,6 +135,12 @@ class PostgresLedger:
 
     def active_runs(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT run_id FROM citadel_active_runs")]
+
+    def try_lead(self) -> bool:
+        # A session-level advisory lock on the ledger's own connection: released when the
+        # connection closes, including when the process dies.
+        row = self._db.execute("SELECT pg_try_advisory_lock(%s)", (self._lock_key,)).fetchone()
+        return bool(row[0])
 
     def close(self) -> None:
         self._db.close()

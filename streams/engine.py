@@ -154,8 +154,6 @@ class Engine:
         self.producer = producer(settings.kafka)
         await self.producer.start()
         await self.executors.start()
-        if settings.reconcile:
-            await self.reconcile()
         for coroutine in (
             self._decide_loop(),
             self._outbox_loop(),
@@ -309,6 +307,14 @@ class Engine:
 
     async def _outbox_loop(self) -> None:
         assert self.ledger is not None
+        # One publisher per store: workers sharing a store wait here and take over when the
+        # leader goes, reconciling first as any restarted engine does.
+        while not await self._in_store(self.ledger.try_lead):
+            self._handoff.clear()
+            await asyncio.sleep(1.0)
+        log.info("this worker publishes the run events of %s", self.settings.store_url)
+        if self.settings.reconcile:
+            await self.reconcile()
         position = await self._in_store(self.ledger.position, OUTBOX)
         ledger = _LedgerWriter(position)
         while True:
