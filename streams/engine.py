@@ -317,14 +317,19 @@ class Engine:
             await self.reconcile()
         position = await self._in_store(self.ledger.position, OUTBOX)
         ledger = _LedgerWriter(position)
-        while True:
-            try:
-                position = await self._publish_from(position, ledger)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("publishing run events failed; retrying from position %d", position)
-                await asyncio.sleep(1.0)
+        try:
+            while True:
+                try:
+                    position = await self._publish_from(position, ledger)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("publishing run events failed; retrying from position %d", position)
+                    await asyncio.sleep(1.0)
+        finally:
+            # A clean stop hands over exactly where it got to (a crash republishes a little).
+            if ledger.pending:
+                await self._in_store(ledger.flush, self.ledger)
 
     async def _publish_from(self, position: int, ledger: _LedgerWriter) -> int:
         """Publish what was committed after `position`; return the new position."""
