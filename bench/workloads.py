@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
 
 from bench.report import summary, write
 from citadel.runs import follow, start_command
@@ -20,6 +19,7 @@ from citadel.settings import Settings
 from citadel.stack import running_stack
 from schemas.definition import parse_definition
 from streams.kafka import RUN_EVENTS
+from streams.watch import topic_reader
 
 FIB = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
 
@@ -156,14 +156,7 @@ async def throughput(
         settings = _settings(Path(home))
         async with running_stack(settings) as stack:
             kafka = stack.kafka
-            consumer = AIOKafkaConsumer(
-                kafka.topic(RUN_EVENTS),
-                bootstrap_servers=kafka.bootstrap,
-                auto_offset_reset="earliest",
-                enable_auto_commit=False,
-                fetch_max_wait_ms=20,
-                group_id=None,
-            )
+            consumer = topic_reader(kafka, RUN_EVENTS)
             await consumer.start()
             started_at: dict[str, float] = {}
             latencies: list[float] = []

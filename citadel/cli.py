@@ -162,8 +162,9 @@ async def _run(settings: Settings, command: Envelope) -> RunReport:
         await stack_cm.__aexit__(None, None, None)
 
 
-async def _follow_with_progress(kafka: KafkaSettings, command: Envelope) -> RunReport:
-    progress = Progress(
+def _progress() -> Progress:
+    """The one progress bar of the CLI, on stderr, gone when done."""
+    return Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
@@ -172,6 +173,10 @@ async def _follow_with_progress(kafka: KafkaSettings, command: Envelope) -> RunR
         console=err,
         transient=True,
     )
+
+
+async def _follow_with_progress(kafka: KafkaSettings, command: Envelope) -> RunReport:
+    progress = _progress()
     with progress:
         bar = progress.add_task(f"run {command.run_id[:8]}", total=None)
 
@@ -306,16 +311,9 @@ def bench(
         with err.status(f"chain40: {repeats} timed runs of 40 python nodes…"):
             result = asyncio.run(workloads.chain40(repeats=repeats))
     else:
-        progress = Progress(
-            TextColumn("throughput"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err,
-            transient=True,
-        )
+        progress = _progress()
         with progress:
-            bar = progress.add_task("runs", total=runs)
+            bar = progress.add_task("throughput: runs finished", total=runs)
             result = asyncio.run(
                 workloads.throughput(
                     runs=runs, progress=lambda done, total: progress.update(bar, completed=done)

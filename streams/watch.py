@@ -14,6 +14,19 @@ from streams.kafka import DEAD_LETTERS, RUN_EVENTS, KafkaSettings
 TERMINAL = frozenset({"Completed", "Failed", "Cancelled"})
 
 
+def topic_reader(kafka: KafkaSettings, topic: str) -> AIOKafkaConsumer:
+    """A consumer of every partition of one of the engine's topics, from the beginning, in no
+    group (it commits nothing and disturbs no worker). Start and stop it yourself."""
+    return AIOKafkaConsumer(
+        kafka.topic(topic),
+        bootstrap_servers=kafka.bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=20,
+    )
+
+
 class CommandRejected(Exception):
     """The engine dead-lettered the command that was to start or change the run."""
 

@@ -7,9 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from streams.kafka import DEAD_LETTERS, KafkaSettings
+from streams.watch import topic_reader
 
 
 async def publish(kafka: KafkaSettings, topic: str, key: bytes | None, value: bytes) -> None:
@@ -25,13 +26,7 @@ async def read_until(
     kafka: KafkaSettings, topic: str, done: Callable[[list[Any]], bool], timeout: float = 30.0
 ) -> list[Any]:
     """Read `topic` from the beginning until `done(messages)` holds."""
-    consumer = AIOKafkaConsumer(
-        kafka.topic(topic),
-        bootstrap_servers=kafka.bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=20,
-    )
+    consumer = topic_reader(kafka, topic)
     await consumer.start()
     messages: list[Any] = []
     try:

@@ -18,12 +18,12 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from aggregates.store import RunStore
 from citadel.runs import follow, start_command
 from streams.kafka import COMMANDS, RUN_EVENTS, KafkaSettings
-from streams.watch import watch_run
+from streams.watch import topic_reader, watch_run
 from tests.conftest import EngineFactory
 
 embedded_only = pytest.mark.skipif(
@@ -95,13 +95,7 @@ def kafka_of(home: Path) -> KafkaSettings:
 
 
 async def collect(kafka: KafkaSettings, seen: set[tuple[str, int]], stop: asyncio.Event) -> None:
-    consumer = AIOKafkaConsumer(
-        kafka.topic(RUN_EVENTS),
-        bootstrap_servers=kafka.bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=20,
-    )
+    consumer = topic_reader(kafka, RUN_EVENTS)
     await consumer.start()
     try:
         while not stop.is_set():
