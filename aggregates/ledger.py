@@ -53,6 +53,7 @@ class SQLiteLedger:
         self._lock: int | None = None
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # as the event store: see sqlite_store
         for statement in _TABLES:
             self._db.execute(statement)
 

@@ -141,6 +141,7 @@ class Run(Aggregate):
         state = self._node_of_attempt(node_id, attempt_id)
         if self.status != RUNNING or state["attempt_id"] != attempt_id or state["status"] != "scheduled":
             return  # a result for a finished run or a superseded/finished attempt changes nothing
+        self._implied_start(state, command_id)
         self._node_succeeded(
             node_id=node_id,
             attempt_id=attempt_id,
@@ -167,6 +168,7 @@ class Run(Aggregate):
         state = self._node_of_attempt(node_id, attempt_id)
         if self.status != RUNNING or state["attempt_id"] != attempt_id or state["status"] != "scheduled":
             return
+        self._implied_start(state, command_id)
         self._fail_attempt(
             self.spec.node(node_id), state, error_class, message, duration_ms, stdout, stderr, command_id, now
         )
@@ -338,6 +340,16 @@ class Run(Aggregate):
             self._failed(
                 reason=f"node {node.id!r} failed after {attempt} attempt(s): {error_class}: {message}",
                 node_id=node.id,
+                command_id=command_id,
+            )
+
+    def _implied_start(self, state: dict[str, Any], command_id: str) -> None:
+        # A result proves the attempt started. Executors report a start on its own only for
+        # attempts that take a while, so a quick node costs one decision, not two.
+        if not state.get("started"):
+            self._attempt_started(
+                node_id=self.attempts[state["attempt_id"]],
+                attempt_id=state["attempt_id"],
                 command_id=command_id,
             )
 

@@ -32,7 +32,7 @@ class Settings(BaseModel):
             kafka=env.get("CITADEL_KAFKA") or None,
             event_store=env.get("CITADEL_EVENT_STORE") or f"sqlite:///{home / 'events.db'}",
             partitions=int(env.get("CITADEL_PARTITIONS", "8")),
-            executor_concurrency=int(env.get("CITADEL_EXECUTOR_CONCURRENCY", str(2 * (os.cpu_count() or 2)))),
+            executor_concurrency=int(env.get("CITADEL_EXECUTOR_CONCURRENCY", str(8 * (os.cpu_count() or 2)))),
             snapshot_interval=int(env.get("CITADEL_SNAPSHOT_INTERVAL", "100")),
             group=env.get("CITADEL_GROUP", "citadel"),
             namespace=env.get("CITADEL_TOPIC_PREFIX", ""),

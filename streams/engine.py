@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -65,6 +64,7 @@ class EngineSettings:
     outbox_batch: int = 1000
     outbox_poll_seconds: float = 0.05
     executor_concurrency: int = 8
+    start_report_seconds: float = 0.1
     reconcile: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -137,6 +137,7 @@ class Engine:
         self._log_attempts: set[str] = set()
         self._partitioner = DefaultPartitioner()
         self._handoff: deque[tuple[int, str, Any]] = deque(maxlen=100_000)
+        self._poll_store = True
         self._local_tasks: asyncio.Queue[tuple[NodeTask, asyncio.Future[None]]] = asyncio.Queue(
             2 * settings.executor_concurrency
         )
@@ -335,17 +336,24 @@ class Engine:
         """Publish what was committed after `position`; return the new position."""
         assert self.store is not None and self.ledger is not None
         batch = self._take_handoff(position)
-        if not batch:
+        if not batch and (self._handoff or self._poll_store):
+            # A gap (events another process recorded), a start, or a quiet interval: read the
+            # store itself. Otherwise everything recorded here came through the handoff.
+            self._poll_store = False
             notifications = await self._in_store(
                 self.store.recorder.select_notifications, position + 1, self.settings.outbox_batch
             )
             batch = [(n.id, n.topic, n) for n in notifications]
         if not batch:
-            if ledger.pending:
+            if ledger.pending and ledger.due():
                 await self._in_store(ledger.flush, self.ledger)
             self._outbox_wake.clear()
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._outbox_wake.wait(), self.settings.outbox_poll_seconds)
+            except TimeoutError:
+                self._poll_store = True
+                if ledger.pending:
+                    await self._in_store(ledger.flush, self.ledger)
             return position
         deliveries = []
         for _, topic, item in batch:
@@ -489,6 +497,8 @@ class Engine:
             await self._execute(task)
 
     async def _execute(self, task: NodeTask) -> None:
+        # A quick attempt's start is implied by its result (one decision instead of two); one
+        # still running after start_report_seconds is reported as started, for live views.
         started = Envelope.new(
             "AttemptStarted",
             task.run_id,
@@ -496,8 +506,11 @@ class Engine:
             id=f"{task.attempt_id}:started",
             tenant=task.tenant,
         )
-        await self._report(started)
-        outcome = await self.executors.execute(task)
+        execution = asyncio.ensure_future(self.executors.execute(task))
+        done, _ = await asyncio.wait({execution}, timeout=self.settings.start_report_seconds)
+        if not done:
+            await self._report(started)
+        outcome = await execution
         # Awaiting delivery before the task is acked: a result is never lost, at worst repeated.
         await (await self._report(result_command(task, outcome)))
 

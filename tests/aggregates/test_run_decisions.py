@@ -181,9 +181,9 @@ def test_a_started_run_schedules_its_first_node_only(run: RunUnderTest) -> None:
 def test_a_linear_chain_runs_one_node_after_the_other_and_completes(run: RunUnderTest) -> None:
     run.given(run.start(workflow(python("a"), python("b", "a"), python("c", "b"))))
 
-    assert run.when(run.succeeded("a")) == ["NodeSucceeded a", "NodeScheduled b#1"]
-    assert run.when(run.succeeded("b")) == ["NodeSucceeded b", "NodeScheduled c#1"]
-    assert run.when(run.succeeded("c")) == ["NodeSucceeded c", "Completed"]
+    assert run.when(run.succeeded("a")) == ["AttemptStarted a", "NodeSucceeded a", "NodeScheduled b#1"]
+    assert run.when(run.succeeded("b")) == ["AttemptStarted b", "NodeSucceeded b", "NodeScheduled c#1"]
+    assert run.when(run.succeeded("c")) == ["AttemptStarted c", "NodeSucceeded c", "Completed"]
     assert run.store.run(run.run_id).status == "completed"
 
 
@@ -192,16 +192,20 @@ def test_the_branches_of_a_diamond_are_scheduled_together(run: RunUnderTest) -> 
 
     events = run.when(run.succeeded("a", {"n": 2}))
 
-    assert events == ["NodeSucceeded a", "NodeScheduled b#1", "NodeScheduled c#1"]
+    assert events == ["AttemptStarted a", "NodeSucceeded a", "NodeScheduled b#1", "NodeScheduled c#1"]
 
 
 def test_the_join_of_a_diamond_waits_for_both_branches(run: RunUnderTest) -> None:
     run.given(run.start(DIAMOND), run.succeeded("a", {"n": 2}))
 
-    assert run.when(run.succeeded("c", "from c")) == ["NodeSucceeded c"]
-    assert run.when(run.succeeded("b", "from b")) == ["NodeSucceeded b", "NodeScheduled d#1"]
+    assert run.when(run.succeeded("c", "from c")) == ["AttemptStarted c", "NodeSucceeded c"]
+    assert run.when(run.succeeded("b", "from b")) == [
+        "AttemptStarted b",
+        "NodeSucceeded b",
+        "NodeScheduled d#1",
+    ]
     assert run.last("NodeScheduled").inputs == {"left": "from b", "right": "from c"}
-    assert run.when(run.succeeded("d", 42)) == ["NodeSucceeded d", "Completed"]
+    assert run.when(run.succeeded("d", 42)) == ["AttemptStarted d", "NodeSucceeded d", "Completed"]
     assert run.store.run(run.run_id).outputs == {"result": 42}
 
 
@@ -244,6 +248,7 @@ def test_inline_nodes_run_in_the_decide_step_without_an_executor(run: RunUnderTe
     events = run.when(run.succeeded("a", 7))
 
     assert events == [
+        "AttemptStarted a",
         "NodeSucceeded a",
         "NodeScheduled double#1",
         "AttemptStarted double",
@@ -317,6 +322,7 @@ def test_a_false_when_skips_the_node_and_what_depends_only_on_it_but_a_join_stil
     events = run.when(run.succeeded("a", {"go": False}))
 
     assert events == [
+        "AttemptStarted a",
         "NodeSucceeded a",
         "NodeSkipped b",
         "NodeSkipped after_b",
@@ -328,7 +334,7 @@ def test_a_false_when_skips_the_node_and_what_depends_only_on_it_but_a_join_stil
 def test_a_run_whose_remaining_nodes_are_skipped_completes(run: RunUnderTest) -> None:
     run.given(run.start(WHEN_GRAPH), run.succeeded("a", {"go": False}))
 
-    assert run.when(run.succeeded("join")) == ["NodeSucceeded join", "Completed"]
+    assert run.when(run.succeeded("join")) == ["AttemptStarted join", "NodeSucceeded join", "Completed"]
 
 
 def test_a_true_when_schedules_the_node(run: RunUnderTest) -> None:
@@ -336,7 +342,7 @@ def test_a_true_when_schedules_the_node(run: RunUnderTest) -> None:
 
     events = run.when(run.succeeded("a", {"go": True}))
 
-    assert events == ["NodeSucceeded a", "NodeScheduled b#1"]
+    assert events == ["AttemptStarted a", "NodeSucceeded a", "NodeScheduled b#1"]
 
 
 def test_a_node_with_a_false_when_and_no_needs_is_skipped_at_start(run: RunUnderTest) -> None:
@@ -397,7 +403,7 @@ def test_a_failed_attempt_with_attempts_left_schedules_a_retry_with_backoff(
 
     events = run.when(run.failed("flaky", "ConnectionError", "refused"))
 
-    assert events == ["NodeFailed flaky (will retry)", "RetryScheduled flaky#2"]
+    assert events == ["AttemptStarted flaky", "NodeFailed flaky (will retry)", "RetryScheduled flaky#2"]
     retry = run.last("RetryScheduled")
     timer_id = f"retry:{run.attempt_id('flaky', 1)}"
     delay = RetryPolicy.model_validate(RETRY).delay_before(2, seed=timer_id)
@@ -414,7 +420,7 @@ def test_the_delay_grows_exponentially_from_attempt_to_attempt(run: RunUnderTest
 
     events = run.when(run.failed("flaky", attempt=2), now=later)
 
-    assert events == ["NodeFailed flaky (will retry)", "RetryScheduled flaky#3"]
+    assert events == ["AttemptStarted flaky", "NodeFailed flaky (will retry)", "RetryScheduled flaky#3"]
     retry = run.last("RetryScheduled")
     delay = RetryPolicy.model_validate(RETRY).delay_before(3, seed=f"retry:{run.attempt_id('flaky', 2)}")
     assert retry.delay_seconds == pytest.approx(delay)
@@ -455,7 +461,7 @@ def test_success_on_the_second_attempt_completes_the_run(run: RunUnderTest) -> N
 
     events = run.when(run.succeeded("flaky", "finally", attempt=2))
 
-    assert events == ["NodeSucceeded flaky", "Completed"]
+    assert events == ["AttemptStarted flaky", "NodeSucceeded flaky", "Completed"]
     assert run.store.run(run.run_id).outputs == {"value": "finally"}
 
 
@@ -495,7 +501,7 @@ def test_an_error_class_outside_retry_on_is_not_retried(run: RunUnderTest) -> No
 
     events = run.when(run.failed("call", "ValueError", "bad request"))
 
-    assert events == ["NodeFailed call (final)", "Failed call"]
+    assert events == ["AttemptStarted call", "NodeFailed call (final)", "Failed call"]
 
 
 def test_an_error_class_in_retry_on_is_retried(run: RunUnderTest) -> None:
@@ -504,7 +510,7 @@ def test_an_error_class_in_retry_on_is_retried(run: RunUnderTest) -> None:
 
     events = run.when(run.failed("call", "TimeoutError", "slow"))
 
-    assert events == ["NodeFailed call (will retry)", "RetryScheduled call#2"]
+    assert events == ["AttemptStarted call", "NodeFailed call (will retry)", "RetryScheduled call#2"]
 
 
 def test_a_node_without_a_retry_policy_fails_the_run_on_its_first_failure(
@@ -512,7 +518,7 @@ def test_a_node_without_a_retry_policy_fails_the_run_on_its_first_failure(
 ) -> None:
     run.given(run.start(workflow(python("once"), python("next", "once"))))
 
-    assert run.when(run.failed("once")) == ["NodeFailed once (final)", "Failed once"]
+    assert run.when(run.failed("once")) == ["AttemptStarted once", "NodeFailed once (final)", "Failed once"]
 
 
 def test_exhausted_retries_fail_the_run_with_a_reason_naming_node_and_error(
@@ -524,7 +530,7 @@ def test_exhausted_retries_fail_the_run_with_a_reason_naming_node_and_error(
 
     events = run.when(run.failed("flaky", "ConnectionError", "refused again", attempt=2))
 
-    assert events == ["NodeFailed flaky (final)", "Failed flaky"]
+    assert events == ["AttemptStarted flaky", "NodeFailed flaky (final)", "Failed flaky"]
     failed = run.last("Failed")
     assert failed.node_id == "flaky"
     for part in ("'flaky'", "2 attempt(s)", "ConnectionError", "refused again"):
@@ -608,7 +614,7 @@ def test_a_command_repeated_within_one_batch_is_applied_once(run: RunUnderTest) 
 
     events = run.when(result, result)
 
-    assert events == ["NodeSucceeded a", "NodeScheduled b#1", "NodeScheduled c#1"]
+    assert events == ["AttemptStarted a", "NodeSucceeded a", "NodeScheduled b#1", "NodeScheduled c#1"]
     assert [v.outcome for v in run.verdicts] == ["applied", "duplicate"]
 
 
@@ -666,6 +672,47 @@ def test_an_attempt_started_after_the_attempt_finished_changes_nothing(
     assert run.when(run.command("AttemptStarted", started)) == []
 
 
+@pytest.mark.parametrize(
+    ("finish", "expected"),
+    [
+        ("succeeded", ["AttemptStarted a", "NodeSucceeded a", "NodeScheduled b#1"]),
+        ("failed-will-retry", ["AttemptStarted a", "NodeFailed a (will retry)", "RetryScheduled a#2"]),
+    ],
+)
+def test_a_result_for_an_attempt_whose_start_was_not_reported_records_the_start_first(
+    run: RunUnderTest, finish: str, expected: list[str]
+) -> None:
+    node = python("a", retry={"max_attempts": 3})
+    run.given(run.start(workflow(node, python("b", "a"))))
+
+    events = run.when(run.succeeded("a") if finish == "succeeded" else run.failed("a"))
+
+    assert events == expected
+    started = run.last("AttemptStarted")
+    assert (started.node_id, started.attempt_id) == ("a", run.attempt_id("a"))
+
+
+@pytest.mark.parametrize(
+    ("finish", "expected"),
+    [
+        ("succeeded", ["NodeSucceeded a", "NodeScheduled b#1"]),
+        ("failed-will-retry", ["NodeFailed a (will retry)", "RetryScheduled a#2"]),
+    ],
+)
+def test_a_result_for_an_attempt_whose_start_was_reported_records_no_second_start(
+    run: RunUnderTest, finish: str, expected: list[str]
+) -> None:
+    node = python("a", retry={"max_attempts": 3})
+    run.given(run.start(workflow(node, python("b", "a"))))
+    started = {"node_id": "a", "attempt_id": run.attempt_id("a")}
+    run.given(run.command("AttemptStarted", started))
+
+    events = run.when(run.succeeded("a") if finish == "succeeded" else run.failed("a"))
+
+    assert events == expected
+    assert [summary(e) for e in run.events()].count("AttemptStarted a") == 1
+
+
 # ---- rejections ---------------------------------------------------------------
 
 
@@ -717,7 +764,7 @@ def test_a_rejected_command_does_not_stop_the_rest_of_its_batch(run: RunUnderTes
     events = run.when(run.succeeded("a", attempt=9), run.succeeded("a", {"n": 1}))
 
     assert [v.outcome for v in run.verdicts] == ["rejected", "applied"]
-    assert events == ["NodeSucceeded a", "NodeScheduled b#1", "NodeScheduled c#1"]
+    assert events == ["AttemptStarted a", "NodeSucceeded a", "NodeScheduled b#1", "NodeScheduled c#1"]
 
 
 # ---- starting -----------------------------------------------------------------
@@ -811,7 +858,7 @@ def test_run_outputs_are_evaluated_from_node_outputs_and_input(run: RunUnderTest
 
     events = run.when(run.succeeded("tax", {"amount": 19}))
 
-    assert events == ["NodeSucceeded tax", "Completed"]
+    assert events == ["AttemptStarted tax", "NodeSucceeded tax", "Completed"]
     assert run.last("Completed").outputs == {"total": 119, "customer": "Ada", "lines": [100, 19]}
     assert run.store.run(run.run_id).outputs == {
         "total": 119,
@@ -826,7 +873,7 @@ def test_outputs_that_fail_to_evaluate_fail_the_run(run: RunUnderTest) -> None:
 
     events = run.when(run.succeeded("a", {}))
 
-    assert events == ["NodeSucceeded a", "Failed"]
+    assert events == ["AttemptStarted a", "NodeSucceeded a", "Failed"]
     assert "workflow outputs" in run.last("Failed").reason
 
 
@@ -869,8 +916,8 @@ def test_a_running_run_keeps_its_definition_when_a_new_version_is_deployed(
     new = RunUnderTest(store)
     new.given(new.start(workflow(python("a"), python("c", "a"), version=2)))
 
-    assert old.when(old.succeeded("a")) == ["NodeSucceeded a", "NodeScheduled b#1"]
-    assert new.when(new.succeeded("a")) == ["NodeSucceeded a", "NodeScheduled c#1"]
+    assert old.when(old.succeeded("a")) == ["AttemptStarted a", "NodeSucceeded a", "NodeScheduled b#1"]
+    assert new.when(new.succeeded("a")) == ["AttemptStarted a", "NodeSucceeded a", "NodeScheduled c#1"]
     assert store.run(old.run_id).workflow_version == 1
     assert store.workflow("spec").latest_version() == 2
 
@@ -940,10 +987,10 @@ def test_a_long_run_loads_correctly_from_snapshots(tmp_path: Path) -> None:
     store = RunStore(url, snapshot_interval=5)
     assert store.snapshots is not None
     snapshots = list(store.snapshots.get(uuid.UUID(run_id)))
-    assert [s.originator_version for s in snapshots] == [5, 10, 15]
+    assert [s.originator_version for s in snapshots] == [5, 10, 15, 20, 25]
     state = store.run(run_id)
     assert (state.status, state.outputs) == ("completed", {"last": 7})
-    assert state.version == len(store.run_events(run_id)) == 18
+    assert state.version == len(store.run_events(run_id)) == 26
     assert all(n["status"] == "succeeded" for n in state.nodes.values())
 
 
@@ -969,7 +1016,7 @@ def test_a_run_reads_the_same_with_and_without_snapshots(tmp_path: Path) -> None
     play_chain(with_snapshots, run_id, snapshot_interval=5)
     play_chain(without, run_id, snapshot_interval=1000)
 
-    for version in (4, 5, 6, 12, 18):
+    for version in (4, 5, 6, 12, 18, 26):
         a = RunStore(with_snapshots, snapshot_interval=5).run(run_id, version=version)
         b = RunStore(without, snapshot_interval=1000).run(run_id, version=version)
         assert (a.version, a.status, a.nodes, a.timers) == (b.version, b.status, b.nodes, b.timers)
