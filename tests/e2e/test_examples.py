@@ -97,3 +97,24 @@ async def test_runs_of_slow_nodes_outnumbering_the_executors_all_complete(engine
     reports = await asyncio.gather(*(run_to_end(engine, slow, {"n": n}) for n in range(40)))
     assert [r.outputs["result"] for r in reports] == [(n + 1) * 10 for n in range(40)]
     assert all(n.attempts == 1 for r in reports for n in r.nodes.values())
+
+
+async def test_a_long_attempt_is_seen_as_started_while_it_runs(engine: Engine) -> None:
+    """Quick attempts have their start implied by the result; a long one is reported as started
+    while it is still running, so watchers see it running."""
+    sleepy = parse_definition(
+        {
+            "name": "sleepy",
+            "nodes": [
+                {
+                    "id": "nap",
+                    "type": "python",
+                    "config": {"code": "import time\ndef main():\n    time.sleep(0.6)\n    return 1"},
+                }
+            ],
+        }
+    ).model_dump(mode="json")
+    report = await run_to_end(engine, sleepy, {})
+    started = next(e for e in report.events if e.type == "AttemptStarted")
+    succeeded = next(e for e in report.events if e.type == "NodeSucceeded")
+    assert (succeeded.time - started.time).total_seconds() >= 0.3
