@@ -1,8 +1,13 @@
 """The engine: the Faust agents of the Flow (decide, publish, dispatch/execute), timers, reconcile.
 
 decide   citadel.commands -> RunStore.decide (a batch per save, in the store thread)
-publish  the store's notification log -> citadel.run-events (+ node tasks, timers): an outbox
+publish  the store's notification log -> citadel.run-events, node tasks, timers: an outbox
 execute  citadel.node-tasks -> an executor -> the result as a command
+
+Two shortcuts keep a run's critical path off the broker when one worker holds both ends: a
+task for a run whose node-tasks partition this worker consumes starts on its executors at
+once, and a result for a run it decides goes straight to decide. The published copies still
+travel, for durability, and are recognised as duplicates.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -66,7 +71,6 @@ class EngineSettings:
     executor_concurrency: int = 8
     start_report_seconds: float = 0.1
     reconcile: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def event_envelope(domain_event: Any, tenant: str) -> Envelope:
@@ -143,7 +147,6 @@ class Engine:
         )
         self._local_attempts: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self._tasks: list[asyncio.Task[Any]] = []
-        self.started = asyncio.Event()
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -165,7 +168,6 @@ class Engine:
             self._tasks.append(asyncio.create_task(coroutine))
         await self.app.start()
         await self._wait_for_assignment()
-        self.started.set()
         log.info("engine started: broker %s, store %s", settings.kafka.bootstrap, settings.store_url)
 
     async def stop(self) -> None:
