@@ -1,9 +1,14 @@
 """The python node's zygote: a warm process that forks one fresh child per attempt.
 
-Run as `python -m nodes._zygote RUNTIME_DIR PARENT_PID OUTPUT_CAP_BYTES`. The zygote keeps
+Run as `python -m nodes._zygote RUNTIME_DIR PARENT_PID OUTPUT_CAP_BYTES ISOLATE`. The zygote keeps
 a few spare children forked ahead of demand: each has already left the zygote's session,
 tied its life to the zygote and set up its stdio and scratch directory, so an attempt only
 pays for handing over the connection. A child serves exactly one attempt and then exits.
+
+With ISOLATE=1 (the zygote runs under bubblewrap, root of its user namespace) each spare
+also enters new mount and PID namespaces and forks the attempt's runner as their PID 1,
+with its own /proc, a private tmpfs /tmp, the runtime directory narrowed to its own
+capture files, and no capabilities: attempts cannot see, signal or read each other.
 """
 
 from __future__ import annotations
@@ -63,8 +68,25 @@ REPORT_SEND_TIMEOUT_SECONDS = 1.0
 
 FILE_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 ADDRESS_SPACE_LIMIT_BYTES = 1024 * 1024 * 1024
+PROCESS_COUNT_LIMIT = 64
+OPEN_FILES_LIMIT = 256
+PRIVATE_TMP_OPTIONS = b"size=64m,nr_inodes=4096,mode=1777"
+PRIVATE_SCRATCH = "/tmp/work"
 
 PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # In a child: first its end of the hand-off channel, then the attempt's connection.
 CONNECTION_FD = 3
 
@@ -107,7 +129,18 @@ def _recv_exactly(fd: int, size: int) -> bytes:
     return bytes(chunks)
 
 
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what} failed: {os.strerror(errno)}")
+
+
+def _mount(source: bytes | None, target: str, fstype: bytes | None, flags: int, data: bytes | None) -> None:
+    _check(_libc.mount(source, os.fsencode(target), fstype, flags, data), f"mount on {target}")
 
 
 def _die_with_parent() -> None:
@@ -142,12 +175,15 @@ class Child:
 class Zygote:
     """The zygote's loop: hands connections to spare children and reports how each one ended."""
 
-    def __init__(self, runtime_dir: str, output_cap_bytes: int) -> None:
+    def __init__(self, runtime_dir: str, output_cap_bytes: int, isolate: bool) -> None:
         self.runtime_dir = runtime_dir
+        self.isolate = isolate
         self.attempts_dir = os.path.join(runtime_dir, ATTEMPTS_DIR_NAME)
         self.output_cap_bytes = output_cap_bytes
         self.pid = os.getpid()
         self.children: dict[int, Child] = {}
+        # Attempt connections, by descriptor: the engine hangs up on one to have it killed.
+        self.hang_ups: dict[int, Child] = {}
         self.spares: list[Child] = []
         self.poller = select.poll()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -157,7 +193,9 @@ class Zygote:
         socket_path = os.path.join(self.runtime_dir, SOCKET_NAME)
         if os.path.exists(socket_path):
             os.unlink(socket_path)
-        os.makedirs(self.attempts_dir, exist_ok=True)
+        # A killed predecessor leaves attempt directories whose pids this zygote's children reuse.
+        shutil.rmtree(self.attempts_dir, ignore_errors=True)
+        os.makedirs(self.attempts_dir)
         self.listener.bind(socket_path)
         self.listener.listen(128)
         self.listener.setblocking(False)
@@ -174,7 +212,10 @@ class Zygote:
                         os._exit(0)
                 elif fd == self.listener.fileno():
                     self._accept()
-                else:
+                elif fd in self.hang_ups:
+                    self._kill(self.hang_ups.pop(fd))
+                elif fd in self.children:
+                    # An event on a connection closed earlier in this round is stale.
                     self._finish(self.children.pop(fd))
             self._top_up_spares()
 
@@ -201,6 +242,8 @@ class Zygote:
                 child.channel.close()
                 child.channel = None
             child.connection = connection
+            self.hang_ups[connection.fileno()] = child
+            self.poller.register(connection.fileno(), select.POLLRDHUP)
             return
 
     def _top_up_spares(self) -> None:
@@ -211,7 +254,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
-            _run_child(theirs.fileno(), self.attempts_dir, self.pid, self.output_cap_bytes)
+            _run_child(theirs.fileno(), self.attempts_dir, self.pid, self.output_cap_bytes, self.isolate)
         theirs.close()
         pidfd = os.pidfd_open(pid)
         child = Child(pid, pidfd, os.path.join(self.attempts_dir, str(pid)), ours)
@@ -219,12 +262,22 @@ class Zygote:
         self.poller.register(pidfd, select.POLLIN)
         return child
 
+    def _kill(self, child: Child) -> None:
+        """Kill an attempt whose engine hung up: it timed out, or already has its reply."""
+        assert child.connection is not None
+        self.poller.unregister(child.connection.fileno())
+        # Until its pidfd is handled the child is unreaped, so its group id is not recycled.
+        with contextlib.suppress(OSError):
+            os.killpg(child.pid, signal.SIGKILL)
+
     def _finish(self, child: Child) -> None:
         """Reap an exited child, kill what it left behind, and tell its engine how it ended."""
         # The unreaped zombie still holds the group id, so this cannot hit a recycled pid.
         with contextlib.suppress(OSError):
             os.killpg(child.pid, signal.SIGKILL)
         _, status = os.waitpid(child.pid, 0)
+        if child.connection is not None and self.hang_ups.pop(child.connection.fileno(), None) is not None:
+            self.poller.unregister(child.connection.fileno())
         self.poller.unregister(child.pidfd)
         os.close(child.pidfd)
         if child.channel is not None:
@@ -250,10 +303,13 @@ class Zygote:
         connection.close()
 
 
-def serve(runtime_dir: str, parent_pid: int, output_cap_bytes: int) -> NoReturn:
-    """Start the zygote: tie it to the engine, scrub its environment, warm it up, serve."""
+def serve(runtime_dir: str, parent_pid: int, output_cap_bytes: int, isolate: bool) -> NoReturn:
+    """Start the zygote: tie it to the engine, scrub its environment, warm it up, serve.
+
+    Under bubblewrap the parent is bwrap's init and `parent_pid` is 0: bwrap ties us to the engine.
+    """
     _die_with_parent()
-    if os.getppid() != parent_pid:
+    if parent_pid and os.getppid() != parent_pid:
         os._exit(0)
     kept = kept_environment(dict(os.environ))
     os.environ.clear()
@@ -263,14 +319,16 @@ def serve(runtime_dir: str, parent_pid: int, output_cap_bytes: int) -> NoReturn:
     # Line buffering keeps what user code printed before a timeout kill.
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=True)  # type: ignore[union-attr]
-    Zygote(runtime_dir, output_cap_bytes).serve()
+    Zygote(runtime_dir, output_cap_bytes, isolate).serve()
 
 
-def _run_child(channel_fd: int, attempts_dir: str, zygote_pid: int, output_cap: int) -> NoReturn:
+def _run_child(
+    channel_fd: int, attempts_dir: str, zygote_pid: int, output_cap: int, isolate: bool
+) -> NoReturn:
     """Run one child's whole life and exit without ever returning into the zygote's loop."""
     exit_status = 1
     try:
-        _serve_one_attempt(channel_fd, attempts_dir, zygote_pid, output_cap)
+        _serve_one_attempt(channel_fd, attempts_dir, zygote_pid, output_cap, isolate)
         exit_status = 0
     except BaseException:
         # Stderr is the attempt's capture file by now, so the engine gets to see this.
@@ -279,7 +337,9 @@ def _run_child(channel_fd: int, attempts_dir: str, zygote_pid: int, output_cap: 
         os._exit(exit_status)
 
 
-def _serve_one_attempt(channel_fd: int, attempts_dir: str, zygote_pid: int, output_cap: int) -> None:
+def _serve_one_attempt(
+    channel_fd: int, attempts_dir: str, zygote_pid: int, output_cap: int, isolate: bool
+) -> None:
     """Be a spare until handed a connection, then run that one attempt."""
     # Inherited zygote objects must never be finalized here: they would close
     # descriptor numbers that this attempt has reused.
@@ -290,14 +350,17 @@ def _serve_one_attempt(channel_fd: int, attempts_dir: str, zygote_pid: int, outp
         return
     _keep_only_channel(channel_fd)
     workdir = os.path.join(attempts_dir, str(os.getpid()))
+    capture_dir = workdir
     try:
         _prepare_workdir(workdir)
+        if isolate:
+            capture_dir = _enter_private_namespaces(workdir, os.path.dirname(attempts_dir))
         setup_error = None
     except OSError as exc:
         setup_error = exc
     if not _receive_connection():
         return
-    send_frame(CONNECTION_FD, b'{"pid":%d}' % os.getpid())
+    send_frame(CONNECTION_FD, b'{"started":true}')
     request = json.loads(recv_frame(CONNECTION_FD))
     if setup_error is not None:
         result: bytes | dict[str, str] = _failure(
@@ -307,11 +370,76 @@ def _serve_one_attempt(channel_fd: int, attempts_dir: str, zygote_pid: int, outp
         _limit_resources(request["timeout_seconds"])
         result = _run_user_code(request)
     _flush_user_output()
-    stdout = read_capped(os.path.join(workdir, "stdout"), output_cap)
-    stderr = read_capped(os.path.join(workdir, "stderr"), output_cap)
+    stdout = read_capped(os.path.join(capture_dir, "stdout"), output_cap)
+    stderr = read_capped(os.path.join(capture_dir, "stderr"), output_cap)
     send_frame(CONNECTION_FD, _reply(result, stdout, stderr))
     # After the reply, so the engine does not wait for it; the zygote removes what is left.
-    shutil.rmtree(workdir, ignore_errors=True)
+    for name in ("stdout", "stderr"):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(capture_dir, name))
+    if not isolate:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _enter_private_namespaces(workdir: str, runtime_dir: str) -> str:
+    """Fork the attempt's runner as PID 1 of fresh namespaces; return where its captures are.
+
+    The spare stays behind as the runner's parent, so the zygote sees its exit status.
+    """
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID), "unshare(CLONE_NEWNS | CLONE_NEWPID)")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
+    # Held open across the new /tmp, which may cover the runtime directory.
+    workdir_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
+    _mount(b"tmpfs", "/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, PRIVATE_TMP_OPTIONS)
+    os.makedirs(runtime_dir, exist_ok=True)
+    # Only this attempt's capture files stay in view: not the socket, nor other attempts.
+    _mount(b"/proc/self/fd/%d" % workdir_fd, runtime_dir, None, MS_BIND, None)
+    os.close(workdir_fd)
+    os.mkdir(PRIVATE_SCRATCH)
+    runner = os.fork()
+    if runner != 0:
+        _mirror_exit(runner)
+    os.setsid()
+    _die_with_parent()
+    _mount(b"proc", "/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    _drop_capabilities()
+    os.chdir(PRIVATE_SCRATCH)
+    return runtime_dir
+
+
+def _mirror_exit(runner: int) -> NoReturn:
+    """Wait for the runner and end the same way, for the zygote to report."""
+    os.closerange(0, CONNECTION_FD + 1)
+    _, status = os.waitpid(runner, 0)
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+
+
+class _CapabilityHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapabilityData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _drop_capabilities() -> None:
+    """Give up every capability for good, so no later exec as uid 0 regains them."""
+    _check(_prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    _check(_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT)")
+    capability = 0
+    while _prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) == 0:
+        capability += 1
+    header = _CapabilityHeader(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapabilityData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
 def _keep_only_channel(channel_fd: int) -> None:
@@ -355,6 +483,8 @@ def _limit_resources(timeout_seconds: float) -> None:
     _lower_limit(resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1)
     _lower_limit(resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT_BYTES, FILE_SIZE_LIMIT_BYTES)
     _lower_limit(resource.RLIMIT_AS, ADDRESS_SPACE_LIMIT_BYTES, ADDRESS_SPACE_LIMIT_BYTES)
+    _lower_limit(resource.RLIMIT_NPROC, PROCESS_COUNT_LIMIT, PROCESS_COUNT_LIMIT)
+    _lower_limit(resource.RLIMIT_NOFILE, OPEN_FILES_LIMIT, OPEN_FILES_LIMIT)
 
 
 def _lower_limit(which: int, soft: int, hard: int) -> None:
@@ -442,4 +572,4 @@ def _flush_user_output() -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1")

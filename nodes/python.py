@@ -1,10 +1,11 @@
-"""The `python` node executor: runs user code in a fresh child forked by a zygote process."""
+"""The `python` node executor: runs user code in a fresh child forked by a sandboxed zygote."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -12,11 +13,15 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from nodes import _zygote
+from nodes.sandbox import Isolation, SandboxUnavailable, bubblewrap_command, code_paths, probe_bubblewrap
 from schemas.tasks import NodeOutcome, NodeTask
+
+logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ZYGOTE_STARTUP_TIMEOUT_SECONDS = 10.0
@@ -53,8 +58,18 @@ class InvalidTask(ValueError):
 class ZygoteProcess:
     """The engine's handle on the zygote: launches it, restarts it, and says where it listens."""
 
-    def __init__(self, runtime_dir: Path, output_cap_bytes: int) -> None:
+    def __init__(
+        self,
+        runtime_dir: Path,
+        output_cap_bytes: int,
+        bwrap: str | None = None,
+        hidden_paths: Sequence[str] = (),
+        network: bool = False,
+    ) -> None:
         self.runtime_dir = runtime_dir
+        self.bwrap = bwrap
+        self.hidden_paths = hidden_paths
+        self.network = network
         self.socket_path = runtime_dir / _zygote.SOCKET_NAME
         self.output_cap_bytes = output_cap_bytes
         self.generation = 0
@@ -66,15 +81,15 @@ class ZygoteProcess:
         return self._process.pid if self._process is not None else None
 
     def command(self) -> list[str]:
-        """The zygote's command line: the one place a sandbox wrapper will slot in."""
-        return [
-            sys.executable,
-            "-m",
-            "nodes._zygote",
-            str(self.runtime_dir),
-            str(os.getpid()),
-            str(self.output_cap_bytes),
-        ]
+        """The zygote's command line, under bubblewrap unless isolation is rlimits-only."""
+        zygote = [sys.executable, "-m", "nodes._zygote", str(self.runtime_dir)]
+        if self.bwrap is None:
+            return [*zygote, str(os.getpid()), str(self.output_cap_bytes), "0"]
+        sandbox = bubblewrap_command(
+            self.bwrap, self.runtime_dir, code_paths(PROJECT_ROOT), self.hidden_paths, self.network
+        )
+        # Inside the sandbox the engine's pid means nothing; --die-with-parent ties us to it.
+        return [*sandbox, *zygote, "0", str(self.output_cap_bytes), "1"]
 
     def environment(self) -> dict[str, str]:
         """Only basics: the zygote's initial environment stays readable in /proc by its children."""
@@ -166,6 +181,11 @@ class AttemptConnection:
     async def send(self, payload: bytes) -> None:
         await self._loop.sock_sendall(self._socket, _zygote.encode_frame(payload))
 
+    def hang_up(self) -> None:
+        """Tell the zygote to kill the attempt: it watches for the engine's end of sending."""
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_WR)
+
     async def receive(self, limit: int) -> dict[str, Any]:
         header = await self._read_exactly(_zygote.FRAME_HEADER.size)
         (length,) = _zygote.FRAME_HEADER.unpack(header)
@@ -200,6 +220,12 @@ class PythonExecutor:
 
     `config["code"]` defines a function named `config.get("entrypoint", "main")`, which
     is called as `main(**inputs)`; its JSON-serialisable return value is the output.
+
+    Each attempt runs under bubblewrap (see `nodes.sandbox`) unless `isolation="rlimits"`
+    accepts rlimits-only isolation where bubblewrap cannot create namespaces. A task with
+    `config["network"] is True` runs in a second, networked sandbox if `allow_network`;
+    otherwise it fails with NetworkNotAllowed. `hidden_paths` are directories the code must
+    not see, such as the engine's CITADEL_HOME; a default set is always hidden.
     """
 
     node_types: tuple[str, ...] = ("python",)
@@ -209,7 +235,16 @@ class PythonExecutor:
         max_concurrency: int = 8,
         output_cap_bytes: int = 64 * 1024,
         result_cap_bytes: int = 1024 * 1024,
+        isolation: Isolation = "bubblewrap",
+        allow_network: bool = False,
+        hidden_paths: Sequence[str] = (),
     ) -> None:
+        if isolation not in ("bubblewrap", "rlimits"):
+            raise ValueError(f'isolation is {isolation!r}; use "bubblewrap" or "rlimits"')
+        self.isolation = isolation
+        self.allow_network = allow_network
+        self.hidden_paths = tuple(hidden_paths)
+        self.sandboxed = False
         self.max_concurrency = max_concurrency
         self.output_cap_bytes = output_cap_bytes
         self.result_cap_bytes = result_cap_bytes
@@ -217,35 +252,68 @@ class PythonExecutor:
         self._reply_limit = result_cap_bytes + 12 * output_cap_bytes + REPLY_OVERHEAD_BYTES
         self._slots = asyncio.Semaphore(max_concurrency)
         self._zygote: ZygoteProcess | None = None
+        self._networked_zygote: ZygoteProcess | None = None
 
     @property
     def zygote_pid(self) -> int | None:
+        """The pid of the process the engine started: bwrap when sandboxed, else the zygote."""
         return self._zygote.pid if self._zygote is not None else None
 
     async def start(self) -> None:
         if self._zygote is not None:
             return
-        runtime_dir = Path(tempfile.mkdtemp(prefix="citadel-python-"))
-        self._zygote = ZygoteProcess(runtime_dir, self.output_cap_bytes)
-        socket_path = self._zygote.socket_path
-        if len(os.fsencode(socket_path)) > UNIX_SOCKET_PATH_MAX_BYTES:
-            await self.stop()
-            raise ZygoteStartError(
-                f"the zygote's socket path {socket_path} is longer than the "
-                f"{UNIX_SOCKET_PATH_MAX_BYTES} bytes a Unix socket allows; "
-                "point TMPDIR at a shorter directory"
-            )
+        bwrap = await self._sandbox()
         try:
-            await self._zygote.ensure_running()
+            self._zygote = await self._start_zygote(bwrap, network=False)
+            if self.allow_network and bwrap is not None:
+                self._networked_zygote = await self._start_zygote(bwrap, network=True)
         except BaseException:
             await self.stop()
             raise
 
+    async def _sandbox(self) -> str | None:
+        """The bwrap to run under, or None once rlimits-only isolation was accepted."""
+        try:
+            bwrap = await probe_bubblewrap()
+        except SandboxUnavailable as exc:
+            if self.isolation == "bubblewrap":
+                raise
+            logger.warning(
+                "the python executor runs user code with rlimits only, without namespaces "
+                "(isolation=%r was set): nodes can read what the engine's user can read and "
+                "reach the network. %s",
+                self.isolation,
+                exc.reason,
+            )
+            return None
+        self.sandboxed = True
+        return bwrap
+
+    async def _start_zygote(self, bwrap: str | None, network: bool) -> ZygoteProcess:
+        runtime_dir = Path(tempfile.mkdtemp(prefix="citadel-python-"))
+        zygote = ZygoteProcess(runtime_dir, self.output_cap_bytes, bwrap, self.hidden_paths, network)
+        if len(os.fsencode(zygote.socket_path)) > UNIX_SOCKET_PATH_MAX_BYTES:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+            raise ZygoteStartError(
+                f"the zygote's socket path {zygote.socket_path} is longer than the "
+                f"{UNIX_SOCKET_PATH_MAX_BYTES} bytes a Unix socket allows; "
+                "point TMPDIR at a shorter directory"
+            )
+        try:
+            await zygote.ensure_running()
+        except BaseException:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+            raise
+        return zygote
+
     async def stop(self) -> None:
-        zygote, self._zygote = self._zygote, None
-        if zygote is not None:
-            await zygote.stop()
-            shutil.rmtree(zygote.runtime_dir, ignore_errors=True)
+        zygotes = (self._zygote, self._networked_zygote)
+        self._zygote = self._networked_zygote = None
+        self.sandboxed = False
+        for zygote in zygotes:
+            if zygote is not None:
+                await zygote.stop()
+                shutil.rmtree(zygote.runtime_dir, ignore_errors=True)
 
     async def execute(self, task: NodeTask) -> NodeOutcome:
         zygote = self._zygote
@@ -253,6 +321,15 @@ class PythonExecutor:
             return NodeOutcome.failure(
                 "ExecutorUnavailable", "the python executor is not started; call start() first"
             )
+        if task.config.get("network") is True and self.sandboxed:
+            if self._networked_zygote is None:
+                return NodeOutcome.failure(
+                    "NetworkNotAllowed",
+                    f"node {task.node_id!r} sets config.network: true, but this deployment runs "
+                    "python nodes without network; remove the setting, or start the executor "
+                    "with allow_network=True",
+                )
+            zygote = self._networked_zygote
         try:
             request = self._request(task)
         except InvalidTask as exc:
@@ -288,14 +365,15 @@ class PythonExecutor:
 
     async def _run(self, zygote: ZygoteProcess, task: NodeTask, request: bytes) -> NodeOutcome:
         connection: AttemptConnection | None = None
-        pid: int | None = None
+        started = False
         try:
             async with asyncio.timeout(task.timeout_seconds):
-                connection, pid = await self._open_attempt(zygote, request)
+                connection = await self._open_attempt(zygote, request)
+                started = True
                 reply = await connection.receive(self._reply_limit)
             return self._outcome(task, reply)
         except TimeoutError:
-            return await self._time_out(zygote, task, connection, pid)
+            return await self._time_out(task, connection if started else None)
         except (ZygoteStartError, ZygoteUnavailable) as exc:
             return NodeOutcome.failure("ExecutorUnavailable", str(exc))
         except _zygote.ConnectionClosed:
@@ -314,8 +392,8 @@ class PythonExecutor:
             if connection is not None:
                 connection.close()
 
-    async def _open_attempt(self, zygote: ZygoteProcess, request: bytes) -> tuple[AttemptConnection, int]:
-        """Hand the request to a fresh child and learn its pid, restarting a dead zygote once."""
+    async def _open_attempt(self, zygote: ZygoteProcess, request: bytes) -> AttemptConnection:
+        """Hand the request to a fresh child and wait until it starts, restarting a dead zygote once."""
         # No user code runs before the child says hello, so retrying is safe.
         for _ in range(2):
             generation = await zygote.ensure_running()
@@ -331,28 +409,21 @@ class PythonExecutor:
             except BaseException:
                 connection.close()
                 raise
-            if "pid" in hello:
-                return connection, int(hello["pid"])
+            if hello.get("started") is True:
+                return connection
             # The zygote reported the child dead before it said hello; the zygote is fine.
             connection.close()
         raise ZygoteUnavailable("the python executor's zygote dropped the attempt before starting it, twice")
 
-    async def _time_out(
-        self,
-        zygote: ZygoteProcess,
-        task: NodeTask,
-        connection: AttemptConnection | None,
-        pid: int | None,
-    ) -> NodeOutcome:
+    async def _time_out(self, task: NodeTask, connection: AttemptConnection | None) -> NodeOutcome:
         limit = f"node {task.node_id!r} did not finish within its {task.timeout_seconds:g} s timeout"
-        if connection is None or pid is None:
+        if connection is None:
             # Restarting the zygote here would kill every other attempt in flight.
             return NodeOutcome.failure(
                 "Timeout", f"{limit}; the python executor's zygote had not started it yet (overloaded?)"
             )
-        # The child leads its own process group, so this also reaches everything it spawned.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+        # The zygote kills the child's process group, which holds everything it spawned.
+        connection.hang_up()
         ending = await self._ending(connection)
         return NodeOutcome.failure(
             "Timeout",

@@ -69,6 +69,26 @@ def is_gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
+def runs_command(marker: str) -> bool:
+    """True while some process, in any PID namespace, has `marker` in its command line."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if marker.encode() in (entry / "cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+async def wait_until_no_command(marker: str, within: float = 3.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not runs_command(marker):
+            return True
+        await asyncio.sleep(0.02)
+    return not runs_command(marker)
+
+
 async def wait_until_gone(pid: int, within: float = 3.0) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -212,27 +232,27 @@ async def test_timeout_also_kills_processes_the_code_spawned(executor: PythonExe
         import os, subprocess
 
         def main():
-            sleeper = subprocess.Popen(["sleep", "60"])
-            print(os.getpid(), sleeper.pid, flush=True)
+            # Pids inside the sandbox mean nothing here, so the sleeper is found by its argument.
+            subprocess.Popen(["sleep", "60.0421"])
+            print("spawned", flush=True)
             while True:
                 pass
         """
     outcome = await executor.execute(make_task(code, timeout_seconds=0.5))
 
     assert outcome.error_class == "Timeout"
-    child_pid, grandchild_pid = (int(pid) for pid in outcome.stdout.split())
-    assert await wait_until_gone(child_pid)
-    assert await wait_until_gone(grandchild_pid)
+    assert outcome.stdout == "spawned\n"
+    assert await wait_until_no_command("60.0421")
 
 
 async def test_processes_the_code_leaves_running_are_killed_when_it_returns(
     executor: PythonExecutor,
 ) -> None:
-    code = "import subprocess\ndef main():\n    return subprocess.Popen(['sleep', '60']).pid"
+    code = "import subprocess\ndef main():\n    return subprocess.Popen(['sleep', '60.0422']).pid"
     outcome = await executor.execute(make_task(code))
 
     assert outcome.ok, outcome
-    assert await wait_until_gone(outcome.output)
+    assert await wait_until_no_command("60.0422")
 
 
 async def test_output_printed_before_a_timeout_is_kept(executor: PythonExecutor) -> None:
@@ -244,7 +264,8 @@ async def test_output_printed_before_a_timeout_is_kept(executor: PythonExecutor)
 
 
 async def test_death_by_signal_is_a_crash_naming_the_signal(executor: PythonExecutor) -> None:
-    code = "import os, signal\ndef main():\n    os.kill(os.getpid(), signal.SIGSEGV)"
+    # A genuine fault: as its namespace's PID 1, the node ignores signals it sends itself.
+    code = "import ctypes\ndef main():\n    ctypes.string_at(0)"
     outcome = await executor.execute(make_task(code))
 
     assert outcome.error_class == "Crashed"
@@ -329,12 +350,13 @@ async def test_each_attempt_gets_a_fresh_process(executor: PythonExecutor) -> No
             seen = (getattr(builtins, "left_behind", None), os.listdir("."))
             builtins.left_behind = os.getpid()
             open("scratch.txt", "w").write("x")
+            # Each attempt is PID 1 of its own PID namespace; nothing of the first reached the second.
             return [os.getpid(), seen[0], seen[1]]
         """
     first = await executor.execute(make_task(code))
     second = await executor.execute(make_task(code))
 
-    assert first.output[0] != second.output[0]
+    assert first.output[0] == second.output[0] == 1
     assert second.output[1:] == [None, []]
 
 
@@ -381,11 +403,12 @@ async def test_child_leads_its_own_session(executor: PythonExecutor) -> None:
 
 
 async def test_many_concurrent_attempts_all_complete(executor: PythonExecutor) -> None:
-    code = "import os\ndef main(n):\n    return [n * n, os.getpid()]"
+    code = "import os\ndef main(n):\n    return [n * n, os.getpid(), len(os.listdir('/proc')) < 80]"
     outcomes = await asyncio.gather(*(executor.execute(make_task(code, inputs={"n": n})) for n in range(20)))
 
     assert [outcome.output[0] for outcome in outcomes] == [n * n for n in range(20)]
-    assert len({outcome.output[1] for outcome in outcomes}) == 20
+    # Each ran as PID 1 of its own namespace, so its /proc shows no other attempt.
+    assert all(outcome.output[1:] == [1, True] for outcome in outcomes)
 
 
 async def test_concurrency_is_bounded_by_max_concurrency() -> None:
@@ -439,9 +462,9 @@ from nodes.python import PythonExecutor
 from schemas.tasks import NodeTask
 
 CODE = '''
-import os, time
+import subprocess, time
 def main(pid_file):
-    open(pid_file, "w").write(str(os.getpid()))
+    subprocess.Popen(["sleep", "60.0423"])
     time.sleep(60)
 '''
 
@@ -469,16 +492,16 @@ asyncio.run(main())
         assert engine.stdout is not None
         zygote_pid = int(engine.stdout.readline())
         deadline = time.monotonic() + 5
-        while not pid_file.exists() or not pid_file.read_text():
+        # The sandbox's /tmp is private, so the attempt is seen by the process it spawned.
+        while not runs_command("60.0423"):
             assert time.monotonic() < deadline, "the attempt never started"
             await asyncio.sleep(0.02)
-        child_pid = int(pid_file.read_text())
 
         engine.kill()
         engine.wait()
 
         assert await wait_until_gone(zygote_pid)
-        assert await wait_until_gone(child_pid)
+        assert await wait_until_no_command("60.0423")
     finally:
         engine.kill()
         engine.wait()
