@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from eventsourcing.domain import Aggregate, event
 
-from schemas.definition import INLINE_TYPES, Node, WorkflowDefinition
+from schemas.definition import CONTROL_TYPES, ENGINE_TYPES, Node, WorkflowDefinition
 from schemas.expressions import INPUT, RUN, ExpressionError, evaluate, evaluate_mapping
 
 # A failure of this class is deterministic (same context, same error), so it never retries.
@@ -179,8 +179,56 @@ class Run(Aggregate):
         timer = self.timers.get(timer_id)
         if timer is None:
             raise Rejected(f"run {self.run_id} has no pending timer {timer_id!r}")
-        self._schedule(self.spec.node(timer["node_id"]), timer["attempt"], command_id, now, timer_id=timer_id)
+        node = self.spec.node(timer["node_id"])
+        kind = timer.get("kind", "retry")
+        if kind == "retry":
+            self._schedule(node, timer["attempt"], command_id, now, timer_id=timer_id)
+        elif kind == "wait":
+            self._complete_control(node, {"waited_until": timer["due_at"]}, command_id)
+        elif node.typed_config().on_timeout == "continue":
+            self._complete_control(node, {"timed_out": True, "payload": None}, command_id)
+        else:
+            state = self.nodes[node.id]
+            self._fail_attempt(
+                node,
+                state,
+                "ApprovalTimeout",
+                f"no signal arrived before {timer['due_at']}",
+                0.0,
+                "",
+                "",
+                command_id,
+                now,
+            )
         self.advance(command_id, now)
+
+    def signal(self, node_id: str, payload: Any, command_id: str, now: dt.datetime) -> None:
+        """An answer for a waiting `approval` node."""
+        if self.status != RUNNING:
+            raise Rejected(f"run {self.run_id} is already {self.status}; it takes no signals")
+        state = self.nodes.get(node_id)
+        if state is None:
+            raise Rejected(f"run {self.run_id} has no node {node_id!r}")
+        node = self.spec.node(node_id)
+        if node.type != "approval" or state["status"] != "scheduled":
+            raise Rejected(
+                f"node {node_id!r} of run {self.run_id} is not waiting for a signal "
+                f"(it is a {node.type} node, {state['status']})"
+            )
+        self._complete_control(node, {"timed_out": False, "payload": payload}, command_id)
+        self.advance(command_id, now)
+
+    def _complete_control(self, node: Node, output: Any, command_id: str) -> None:
+        state = self.nodes[node.id]
+        self._node_succeeded(
+            node_id=node.id,
+            attempt_id=state["attempt_id"],
+            output=output,
+            duration_ms=0.0,
+            stdout="",
+            stderr="",
+            command_id=command_id,
+        )
 
     def cancel(self, reason: str, command_id: str) -> None:
         if self.status != RUNNING:
@@ -252,11 +300,11 @@ class Run(Aggregate):
         self, node: Node, attempt: int, command_id: str, now: dt.datetime, timer_id: str | None = None
     ) -> None:
         attempt_id = self._new_attempt_id(node.id, attempt)
-        inline = node.type in INLINE_TYPES
+        inline = node.type in ENGINE_TYPES
         context = self._context(attempt)
         inputs: dict[str, Any] = {}
         error: str | None = None
-        if node.type == "python":
+        if not inline:
             try:
                 inputs = evaluate_mapping(node.config.get("inputs", {}), context)
             except ExpressionError as exc:
@@ -280,6 +328,9 @@ class Run(Aggregate):
         if not inline:
             return
         self._attempt_started(node_id=node.id, attempt_id=attempt_id, command_id=command_id)
+        if node.type in CONTROL_TYPES:
+            self._start_control(node, attempt_id, context, command_id, now)
+            return
         try:
             output = _evaluate_inline(node, context)
         except ExpressionError as exc:
@@ -292,6 +343,40 @@ class Run(Aggregate):
             duration_ms=0.0,
             stdout="",
             stderr="",
+            command_id=command_id,
+        )
+
+    def _start_control(
+        self, node: Node, attempt_id: str, context: dict[str, Any], command_id: str, now: dt.datetime
+    ) -> None:
+        config = node.typed_config()
+        timer_id = f"{node.type}:{attempt_id}"
+        if node.type == "wait":
+            if config.seconds is not None:
+                due = now + dt.timedelta(seconds=config.seconds)
+            else:
+                try:
+                    due = _as_time(evaluate(config.until, context))
+                except ExpressionError as exc:
+                    state = self.nodes[node.id]
+                    self._fail_attempt(
+                        node, state, EXPRESSION_ERROR, f"config.until: {exc}", 0.0, "", "", command_id, now
+                    )
+                    return
+            self._wait_scheduled(
+                node_id=node.id,
+                attempt_id=attempt_id,
+                timer_id=timer_id,
+                due_at=due.isoformat(),
+                command_id=command_id,
+            )
+            return
+        expires = config.expires_after_seconds
+        self._approval_requested(
+            node_id=node.id,
+            attempt_id=attempt_id,
+            timer_id=timer_id if expires is not None else None,
+            due_at=(now + dt.timedelta(seconds=expires)).isoformat() if expires is not None else None,
             command_id=command_id,
         )
 
@@ -418,6 +503,7 @@ class Run(Aggregate):
         command_id: str,
     ) -> None:
         self.nodes[node_id].update(status="succeeded", output=output)
+        self._drop_timers(node_id)
         self.applied[command_id] = 1
 
     @event("NodeFailed")
@@ -436,6 +522,7 @@ class Run(Aggregate):
         self.nodes[node_id].update(
             status="retry_wait" if will_retry else "failed", error_class=error_class, error=message
         )
+        self._drop_timers(node_id)
         self.applied[command_id] = 1
 
     @event("RetryScheduled")
@@ -449,6 +536,31 @@ class Run(Aggregate):
         command_id: str,
     ) -> None:
         self.timers[timer_id] = {"node_id": node_id, "attempt": attempt, "due_at": due_at}
+        self.applied[command_id] = 1
+
+    @event("WaitScheduled")
+    def _wait_scheduled(
+        self, node_id: str, attempt_id: str, timer_id: str, due_at: str, command_id: str
+    ) -> None:
+        self.timers[timer_id] = {
+            "node_id": node_id,
+            "attempt": self.nodes[node_id]["attempt"],
+            "due_at": due_at,
+            "kind": "wait",
+        }
+        self.applied[command_id] = 1
+
+    @event("ApprovalRequested")
+    def _approval_requested(
+        self, node_id: str, attempt_id: str, timer_id: str | None, due_at: str | None, command_id: str
+    ) -> None:
+        if timer_id is not None:
+            self.timers[timer_id] = {
+                "node_id": node_id,
+                "attempt": self.nodes[node_id]["attempt"],
+                "due_at": due_at,
+                "kind": "approval",
+            }
         self.applied[command_id] = 1
 
     @event("NodeSkipped")
@@ -476,6 +588,15 @@ class Run(Aggregate):
         self.timers.clear()
         self.applied[command_id] = 1
 
+    def _drop_timers(self, node_id: str) -> None:
+        # A wait or an approval ended: its timer has nothing left to do.
+        for timer_id in [
+            t
+            for t, timer in self.timers.items()
+            if timer["node_id"] == node_id and timer.get("kind") in ("wait", "approval")
+        ]:
+            del self.timers[timer_id]
+
     # ---- queries ---------------------------------------------------------
 
     def unfinished_attempts(self) -> list[dict[str, Any]]:
@@ -486,7 +607,7 @@ class Run(Aggregate):
         result = []
         for node_id, state in self.nodes.items():
             node = spec.node(node_id)
-            if state["status"] == "scheduled" and node.type not in INLINE_TYPES:
+            if state["status"] == "scheduled" and node.type not in ENGINE_TYPES:
                 result.append(
                     {
                         "node": node,
@@ -496,6 +617,16 @@ class Run(Aggregate):
                     }
                 )
         return result
+
+
+def _as_time(value: Any) -> dt.datetime:
+    if isinstance(value, str):
+        try:
+            moment = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise ExpressionError(f"{value!r} is not an RFC 3339 time") from None
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    raise ExpressionError(f"until must give a time, got {type(value).__name__}")
 
 
 def _evaluate_inline(node: Node, context: dict[str, Any]) -> Any:

@@ -33,6 +33,7 @@ from schemas.envelope import (
     EnvelopeError,
     NodeFailed,
     NodeSucceeded,
+    Signal,
     StartRun,
     TimerFired,
     command_payload,
@@ -321,6 +322,8 @@ def _apply_to_run(run: Run, command: Envelope, payload: BaseModel, now: dt.datet
         )
     elif isinstance(payload, TimerFired):
         run.timer_fired(payload.timer_id, command.id, now)
+    elif isinstance(payload, Signal):
+        run.signal(payload.node_id, payload.payload, command.id, now)
     elif isinstance(payload, CancelRun):
         run.cancel(payload.reason, command.id)
     else:

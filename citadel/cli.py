@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import shutil
-import signal
+import signal as signals
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,7 +29,7 @@ from rich.table import Table
 
 from citadel.runs import RunReport, follow, start_command
 from citadel.settings import Settings
-from citadel.stack import announce, running_engine, running_stack, withdraw
+from citadel.stack import announce, kafka_settings, running_engine, running_stack, withdraw
 from schemas.definition import DefinitionInvalid, definition_json_schema, parse_definition
 from schemas.envelope import Envelope, command_json_schema, encode
 from streams.kafka import COMMANDS, KafkaSettings
@@ -240,6 +240,52 @@ def _print_report(report: RunReport, as_json: bool) -> None:
         out.print(f"[red]{report.status}[/red]: {report.error}")
 
 
+@app.command("signal")
+def send_signal(
+    run_id: Annotated[str, typer.Argument(help="the run")],
+    node: Annotated[str, typer.Argument(help="the approval node waiting for the signal")],
+    payload: Annotated[str, typer.Option(help="JSON payload for the node's output")] = "null",
+    tenant: Annotated[str, typer.Option(help="tenant the run belongs to")] = "default",
+) -> None:
+    """Answer an approval node of a running run (needs a running `citadel up`)."""
+    try:
+        value = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        err.print(f"[red]--payload is not JSON: {exc}[/red]")
+        raise typer.Exit(EXIT_INVALID) from None
+    _publish(Envelope.new("Signal", run_id, {"node_id": node, "payload": value}, tenant=tenant))
+    out.print(f"signal sent to node {node!r} of run {run_id}")
+
+
+@app.command()
+def cancel(
+    run_id: Annotated[str, typer.Argument(help="the run")],
+    reason: Annotated[str, typer.Option(help="why, for the run's history")] = "cancelled by user",
+    tenant: Annotated[str, typer.Option(help="tenant the run belongs to")] = "default",
+) -> None:
+    """Cancel a running run: nothing more is scheduled (needs a running `citadel up`)."""
+    _publish(Envelope.new("CancelRun", run_id, {"reason": reason}, tenant=tenant))
+    out.print(f"cancel sent for run {run_id}")
+
+
+def _publish(command: Envelope) -> None:
+    settings = Settings.from_env()
+    kafka = running_engine(settings) if settings.embedded else kafka_settings(settings, settings.kafka or "")
+    if kafka is None:
+        err.print(f"[red]no running engine: start one with `citadel up` (home {settings.home})[/red]")
+        raise typer.Exit(EXIT_INVALID)
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(kafka.topic(COMMANDS), encode(command), key=command.run_id.encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+
+
 @app.command()
 def up() -> None:
     """Start the whole engine in this process (embedded by default). Ctrl-C stops it cleanly."""
@@ -266,7 +312,7 @@ def worker() -> None:
 async def _serve(settings: Settings, announce_self: bool) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signals.SIGINT, signals.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     with err.status("starting the engine…"):
         stack_cm = running_stack(settings, keep_broker=announce_self)

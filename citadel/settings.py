@@ -17,6 +17,8 @@ class Settings(BaseModel):
     snapshot_interval: int = Field(ge=2)
     group: str
     namespace: str = Field(description="prefix of every topic name (CITADEL_TOPIC_PREFIX)")
+    secrets_dir: Path | None = Field(description="one file per secret (CITADEL_SECRETS_DIR); else env")
+    allow_network: bool = Field(description="python nodes may ask for network (CITADEL_ALLOW_NETWORK)")
     log_level: str
 
     @property
@@ -36,5 +38,7 @@ class Settings(BaseModel):
             snapshot_interval=int(env.get("CITADEL_SNAPSHOT_INTERVAL", "100")),
             group=env.get("CITADEL_GROUP", "citadel"),
             namespace=env.get("CITADEL_TOPIC_PREFIX", ""),
+            secrets_dir=Path(env["CITADEL_SECRETS_DIR"]) if env.get("CITADEL_SECRETS_DIR") else None,
+            allow_network=env.get("CITADEL_ALLOW_NETWORK", "").lower() in ("1", "true", "yes"),
             log_level=env.get("CITADEL_LOG_LEVEL", "WARNING"),
         )

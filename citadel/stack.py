@@ -12,7 +12,10 @@ from typing import Any
 
 from citadel.settings import Settings
 from nodes.base import ExecutorRegistry
+from nodes.http import HttpExecutor
+from nodes.javascript import JavaScriptExecutor
 from nodes.python import PythonExecutor
+from nodes.secrets import EnvironmentSecrets, FileSecrets, SecretStore
 from streams.broker import EmbeddedBroker
 from streams.engine import Engine, EngineSettings
 from streams.kafka import KafkaSettings
@@ -49,7 +52,7 @@ async def running_stack(settings: Settings, keep_broker: bool = False) -> AsyncI
         assert settings.kafka is not None
         bootstrap = settings.kafka
     kafka = kafka_settings(settings, bootstrap)
-    executors = ExecutorRegistry([PythonExecutor(max_concurrency=settings.executor_concurrency)])
+    executors = executor_registry(settings)
     engine = Engine(
         EngineSettings(
             kafka=kafka,
@@ -70,6 +73,22 @@ async def running_stack(settings: Settings, keep_broker: bool = False) -> AsyncI
             broker.stop()
             with contextlib.suppress(FileNotFoundError):
                 _broker_file(settings).unlink()
+
+
+def executor_registry(settings: Settings) -> ExecutorRegistry:
+    secrets: SecretStore = FileSecrets(settings.secrets_dir) if settings.secrets_dir else EnvironmentSecrets()
+    concurrency = settings.executor_concurrency
+    return ExecutorRegistry(
+        [
+            PythonExecutor(
+                max_concurrency=concurrency,
+                allow_network=settings.allow_network,
+                hidden_paths=[str(settings.home)],
+            ),
+            JavaScriptExecutor(max_concurrency=concurrency),
+            HttpExecutor(secrets, max_concurrency=concurrency),
+        ]
+    )
 
 
 def _broker_file(settings: Settings) -> Path:

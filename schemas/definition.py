@@ -16,7 +16,7 @@ import orjson
 import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.expressions import BUILTINS, ExpressionError, references
 
@@ -103,11 +103,67 @@ class LogConfig(Strict):
 
 
 class PythonConfig(Strict):
-    """Runs `entrypoint(**inputs)` from `code` in a child process."""
+    """Runs `entrypoint(**inputs)` from `code` in a sandboxed child process."""
 
     code: str
     entrypoint: str = Field(default="main", pattern=NODE_ID)
-    inputs: dict[str, str] = Field(default_factory=dict)
+    inputs: dict[str, str] = Field(default_factory=dict, description="name: expression")
+    network: bool = Field(default=False, description="ask for network access (if the deployment allows)")
+
+
+class JavaScriptConfig(Strict):
+    """Runs `entrypoint(inputs)` from `code` in a V8 isolate with memory and time limits."""
+
+    code: str
+    entrypoint: str = Field(default="main", pattern=NODE_ID)
+    inputs: dict[str, str] = Field(default_factory=dict, description="name: expression")
+
+
+class HttpRetryConfig(Strict):
+    """The http node's own retries of one attempt (connection errors, 5xx, 429)."""
+
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    delay_seconds: float = Field(default=0.2, ge=0, le=3600)
+    multiplier: float = Field(default=2.0, ge=1, le=10)
+    max_delay_seconds: float = Field(default=10.0, ge=0, le=3600)
+    jitter: float = Field(default=0.2, ge=0, le=1)
+
+
+class HttpConfig(Strict):
+    """Calls an HTTP endpoint; `inputs` may supply `url`, `query` and `json` from expressions."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"] = "GET"
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict, description="values may use {{secret:NAME}}")
+    query: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    json_body: Any = Field(default=None, alias="json")
+    body: str | None = None
+    timeout_seconds: float | None = Field(default=None, gt=0, le=3600)
+    retry: HttpRetryConfig = Field(default_factory=HttpRetryConfig)
+    secrets: list[str] = Field(default_factory=list, description="names of the secrets it may use")
+    inputs: dict[str, str] = Field(default_factory=dict, description="name: expression")
+
+
+class WaitConfig(Strict):
+    """Waits for `seconds`, or `until` a time (an expression giving an RFC 3339 time); durable."""
+
+    seconds: float | None = Field(default=None, ge=0, le=366 * 86_400)
+    until: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> WaitConfig:
+        if (self.seconds is None) == (self.until is None):
+            raise ValueError("give exactly one of seconds and until")
+        return self
+
+
+class ApprovalConfig(Strict):
+    """Waits for a Signal command for this node; its payload becomes the node's output."""
+
+    expires_after_seconds: float | None = Field(default=None, gt=0, le=366 * 86_400)
+    on_timeout: Literal["fail", "continue"] = Field(
+        default="fail", description="continue: succeed with timed_out=true, for a timeout branch"
+    )
 
 
 NODE_CONFIGS: dict[str, type[Strict]] = {
@@ -115,9 +171,16 @@ NODE_CONFIGS: dict[str, type[Strict]] = {
     "condition": ConditionConfig,
     "log": LogConfig,
     "python": PythonConfig,
+    "javascript": JavaScriptConfig,
+    "http": HttpConfig,
+    "wait": WaitConfig,
+    "approval": ApprovalConfig,
 }
 # Node types decided in the decide step itself (pure expressions, no hop to an executor).
 INLINE_TYPES = frozenset({"transform", "condition", "log"})
+# Node types the engine itself completes later, on a timer or a signal (no executor).
+CONTROL_TYPES = frozenset({"wait", "approval"})
+ENGINE_TYPES = INLINE_TYPES | CONTROL_TYPES
 
 
 class Node(Strict):
@@ -149,7 +212,12 @@ class Node(Strict):
             yield "config.expression", config["expression"]
         elif self.type == "log":
             yield "config.message", config["message"]
-        elif self.type == "python":
+        elif self.type == "wait":
+            if config.get("until") is not None:
+                yield "config.until", config["until"]
+        elif self.type == "approval":
+            return
+        else:
             for name, source in config.get("inputs", {}).items():
                 yield f"config.inputs.{name}", source
 

@@ -165,6 +165,14 @@ class CancelRun(BaseModel):
     reason: str = "cancelled by user"
 
 
+class Signal(BaseModel):
+    """Answers an `approval` node that is waiting; `payload` becomes its output's payload."""
+
+    model_config = ConfigDict(extra="forbid")
+    node_id: str
+    payload: Any = None
+
+
 class TimerFired(BaseModel):
     model_config = ConfigDict(extra="forbid")
     timer_id: str
@@ -177,6 +185,7 @@ COMMANDS: dict[str, type[BaseModel]] = {
     "NodeFailed": NodeFailed,
     "CancelRun": CancelRun,
     "TimerFired": TimerFired,
+    "Signal": Signal,
 }
 
 

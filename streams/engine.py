@@ -54,6 +54,7 @@ T = TypeVar("T")
 
 OUTBOX = "run-events"
 TERMINAL_EVENTS = frozenset({"Completed", "Failed", "Cancelled"})
+TIMER_EVENTS = frozenset({"RetryScheduled", "WaitScheduled", "ApprovalRequested"})
 _EVENT_META = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
 
 
@@ -412,7 +413,7 @@ class Engine:
                 ]
             if payload["node_type"] == "log":
                 self._log_attempts.add(payload["attempt_id"])
-        elif envelope.type == "RetryScheduled":
+        elif envelope.type in TIMER_EVENTS and payload.get("timer_id") and payload.get("due_at"):
             self.timers.arm(
                 payload["timer_id"],
                 envelope.run_id,

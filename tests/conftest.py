@@ -12,7 +12,10 @@ from typing import Any
 import pytest
 
 from nodes.base import ExecutorRegistry
+from nodes.http import HttpExecutor
+from nodes.javascript import JavaScriptExecutor
 from nodes.python import PythonExecutor
+from nodes.secrets import EnvironmentSecrets
 from streams.broker import EmbeddedBroker
 from streams.engine import Engine, EngineSettings
 from streams.kafka import KafkaSettings
@@ -59,7 +62,14 @@ def engine_factory(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
             group=f"g-{kafka.namespace}",
             **overrides,
         )
-        engine = Engine(settings, ExecutorRegistry([PythonExecutor(max_concurrency=4)]))
+        executors = ExecutorRegistry(
+            [
+                PythonExecutor(max_concurrency=4),
+                JavaScriptExecutor(max_concurrency=2),
+                HttpExecutor(EnvironmentSecrets(), max_concurrency=4),
+            ]
+        )
+        engine = Engine(settings, executors)
         await engine.start()
         try:
             yield engine

@@ -139,3 +139,18 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
     result = citadel("--help", cwd=tmp_path)
     for command in ("up", "run", "validate", "worker", "schema", "bench"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("args", [["signal", "r1", "review", "--payload", "{}"], ["cancel", "r1"]])
+def test_signal_and_cancel_without_a_running_engine_say_how_to_start_one(
+    tmp_path: Path, args: list[str]
+) -> None:
+    result = citadel(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no running engine: start one with `citadel up`" in result.stderr
+
+
+def test_signal_rejects_a_payload_that_is_not_json(tmp_path: Path) -> None:
+    result = citadel("signal", "r1", "review", "--payload", "{nope", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--payload is not JSON" in result.stderr

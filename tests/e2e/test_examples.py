@@ -118,3 +118,41 @@ async def test_a_long_attempt_is_seen_as_started_while_it_runs(engine: Engine) -
     started = next(e for e in report.events if e.type == "AttemptStarted")
     succeeded = next(e for e in report.events if e.type == "NodeSucceeded")
     assert (succeeded.time - started.time).total_seconds() >= 0.3
+
+
+async def test_a_javascript_node_runs_in_a_v8_isolate_between_python_nodes(engine: Engine) -> None:
+    mixed = parse_definition(
+        {
+            "name": "mixed",
+            "nodes": [
+                {
+                    "id": "words",
+                    "type": "python",
+                    "config": {
+                        "inputs": {"text": "input.text"},
+                        "code": "def main(text):\n    return text.split()",
+                    },
+                },
+                {
+                    "id": "shout",
+                    "type": "javascript",
+                    "needs": ["words"],
+                    "config": {
+                        "inputs": {"words": "words"},
+                        "code": "function main({words}) {\n"
+                        "  console.log(words.length);\n"
+                        "  return words.map(w => w.toUpperCase());\n"
+                        "}",
+                    },
+                },
+            ],
+            "outputs": {"shouted": "shout"},
+        }
+    ).model_dump(mode="json")
+    report = await run_to_end(engine, mixed, {"text": "hello brave world"})
+    assert report.status == "completed", report.error
+    assert report.outputs == {"shouted": ["HELLO", "BRAVE", "WORLD"]}
+    succeeded = next(
+        e for e in report.events if e.type == "NodeSucceeded" and e.payload["node_id"] == "shout"
+    )
+    assert succeeded.payload["stdout"].strip() == "3"
