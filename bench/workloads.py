@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import tempfile
 import time
 import uuid
@@ -234,3 +235,61 @@ def _ts(value: str) -> float:
     import datetime as dt
 
     return dt.datetime.fromisoformat(value).timestamp()
+
+
+async def sandbox(count: int = 1000) -> dict[str, Any]:
+    """Per-attempt cost of a python node that returns at once: sandboxed vs called in-process."""
+    from nodes.python import PythonExecutor
+    from schemas.tasks import NodeTask
+
+    code = "def main(x):\n    return x + 1\n"
+    executor = PythonExecutor(max_concurrency=1)
+    await executor.start()
+    try:
+
+        def task(i: int) -> NodeTask:
+            return NodeTask(
+                run_id="bench",
+                tenant="bench",
+                workflow="sandbox",
+                node_id="n",
+                node_type="python",
+                attempt=1,
+                attempt_id=f"bench:n:{i}",
+                config={"code": code},
+                inputs={"x": i},
+                timeout_seconds=10,
+            )
+
+        for i in range(50):  # warm the zygote's spare children
+            await executor.execute(task(i))
+        samples = []
+        for i in range(count):
+            began = time.perf_counter()
+            outcome = await executor.execute(task(i))
+            samples.append((time.perf_counter() - began) * 1000)
+            assert outcome.ok and outcome.output == i + 1, outcome
+    finally:
+        await executor.stop()
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "<bench>", "exec"), namespace)  # the in-process baseline: trusted bench code
+    began = time.perf_counter()
+    for i in range(count):
+        namespace["main"](i)
+    in_process_ms = (time.perf_counter() - began) * 1000 / count
+    figures = {
+        "sandboxed_ms": summary(samples),
+        "in_process_ms": in_process_ms,
+        "overhead_ms_median": statistics.median(samples) - in_process_ms,
+    }
+    path = write(
+        "sandbox",
+        {
+            "attempts": count,
+            "isolation": executor.isolation,
+            "node": "python, returns at once",
+            "concurrency": 1,
+        },
+        figures,
+    )
+    return {"figures": figures, "path": str(path)}

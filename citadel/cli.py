@@ -337,12 +337,12 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
             await stack_cm.__aexit__(None, None, None)
 
 
-BENCHMARKS = ("chain40", "throughput")
+BENCHMARKS = ("chain40", "throughput", "sandbox")
 
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="chain40 or throughput (see BENCHMARKS.md)")],
+    name: Annotated[str, typer.Argument(help="chain40, throughput or sandbox (see BENCHMARKS.md)")],
     runs: Annotated[int, typer.Option(help="throughput: how many runs to start")] = 10_000,
     repeats: Annotated[int, typer.Option(help="chain40: how many timed runs")] = 5,
 ) -> None:
@@ -356,6 +356,9 @@ def bench(
     if name == "chain40":
         with err.status(f"chain40: {repeats} timed runs of 40 python nodes…"):
             result = asyncio.run(workloads.chain40(repeats=repeats))
+    elif name == "sandbox":
+        with err.status("sandbox: 1,000 sandboxed python attempts, then in-process…"):
+            result = asyncio.run(workloads.sandbox())
     else:
         progress = _progress()
         with progress:

@@ -111,9 +111,10 @@ def bubblewrap_command(
     for path in DEFAULT_HIDDEN_FILES:
         if os.path.isfile(path):
             command += ["--ro-bind", "/dev/null", path]
-    # The interpreter and our code may live under a hidden directory such as /home.
+    # The interpreter and our code may live under a hidden directory such as /home, or under
+    # /tmp (a checkout in a temporary folder): bring them back, read-only.
     for path in code_paths:
-        if any(_is_within(path, parent) for parent in system):
+        if any(_is_within(path, parent) for parent in [*system, "/tmp"]):
             command += ["--ro-bind", path, path]
     # After the code paths: the engine's home usually sits inside the project.
     for path in state:
