@@ -376,7 +376,8 @@ class PythonExecutor:
             return await self._time_out(task, connection if started else None)
         except (ZygoteStartError, ZygoteUnavailable) as exc:
             return NodeOutcome.failure("ExecutorUnavailable", str(exc))
-        except _zygote.ConnectionClosed:
+        except (_zygote.ConnectionClosed, ConnectionError):
+            # ConnectionError: the zygote died between handing over the attempt and the reply.
             return NodeOutcome.failure(
                 "Crashed",
                 f"the process of node {task.node_id!r} ended without a result, and the "
