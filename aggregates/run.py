@@ -22,7 +22,8 @@ EXPRESSION_ERROR = "ExpressionError"
 
 RUNNING = "running"
 TERMINAL_RUN = frozenset({"completed", "failed", "cancelled"})
-DONE_NODE = frozenset({"succeeded", "skipped"})
+# "recovered": failed for good, but its on_error said continue or named a handler.
+DONE_NODE = frozenset({"succeeded", "skipped", "recovered"})
 
 
 class Rejected(Exception):
@@ -248,7 +249,10 @@ class Run(Aggregate):
                 if not all(s in DONE_NODE for s in needs):
                     continue
                 progressed = True
-                if needs and all(s == "skipped" for s in needs):
+                routed = self._routing(node)
+                if routed is not None:
+                    self._node_skipped(node_id=node.id, reason=routed, command_id=command_id)
+                elif needs and all(s == "skipped" for s in needs):
                     self._node_skipped(
                         node_id=node.id, reason="every node it needs was skipped", command_id=command_id
                     )
@@ -267,6 +271,21 @@ class Run(Aggregate):
                 self._completed(outputs=outputs, command_id=command_id)
 
     # ---- decision helpers ------------------------------------------------
+
+    def _routing(self, node: Node) -> str | None:
+        """Why error routing skips `node`, if it does: a handler whose node did not fail, or a
+        dependent of a node whose failure went to a handler."""
+        spec = self.spec
+        for need in node.needs:
+            on_error = spec.node(need).on_error
+            if isinstance(on_error, str):
+                continue
+            failed = self.nodes[need]["status"] == "recovered"
+            if on_error.handler == node.id and not failed:
+                return f"{need!r} did not fail, so its error handler does not run"
+            if on_error.handler != node.id and failed:
+                return f"{need!r} failed and its error went to {on_error.handler!r}"
+        return None
 
     def _when_holds(self, node: Node, command_id: str, now: dt.datetime) -> bool:
         assert node.when is not None
@@ -421,6 +440,11 @@ class Run(Aggregate):
                 delay_seconds=delay,
                 command_id=command_id,
             )
+        elif node.on_error != "fail":
+            self._node_recovered(
+                node_id=node.id, error_class=error_class, message=message, command_id=command_id
+            )
+            self.advance(command_id, now)
         else:
             self._failed(
                 reason=f"node {node.id!r} failed after {attempt} attempt(s): {error_class}: {message}",
@@ -456,7 +480,7 @@ class Run(Aggregate):
         }
         context: dict[str, Any] = {INPUT: self.input, RUN: run}
         for node_id, state in self.nodes.items():
-            if state["status"] == "succeeded":
+            if state["status"] in ("succeeded", "recovered"):
                 context[node_id] = state["output"]
             elif state["status"] == "skipped":
                 context[node_id] = None
@@ -561,6 +585,13 @@ class Run(Aggregate):
                 "due_at": due_at,
                 "kind": "approval",
             }
+        self.applied[command_id] = 1
+
+    @event("NodeRecovered")
+    def _node_recovered(self, node_id: str, error_class: str, message: str, command_id: str) -> None:
+        self.nodes[node_id].update(
+            status="recovered", output={"error_class": error_class, "message": message}
+        )
         self.applied[command_id] = 1
 
     @event("NodeSkipped")

@@ -183,6 +183,12 @@ CONTROL_TYPES = frozenset({"wait", "approval"})
 ENGINE_TYPES = INLINE_TYPES | CONTROL_TYPES
 
 
+class ErrorHandler(Strict):
+    """Route a node's final failure to another node, which must list it in `needs`."""
+
+    handler: str = Field(pattern=NODE_ID)
+
+
 class Node(Strict):
     id: str = Field(pattern=NODE_ID, max_length=64)
     type: str
@@ -191,6 +197,12 @@ class Node(Strict):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     timeout_seconds: float = Field(default=60.0, gt=0, le=86_400)
     when: str | None = None
+    on_error: Literal["fail", "continue"] | ErrorHandler = Field(
+        default="fail",
+        description="after the last attempt fails: fail the run, continue (dependents see the "
+        "node as {error_class, message}), or {handler: NODE} (that node runs, other dependents "
+        "are skipped)",
+    )
     description: str = ""
 
     def typed_config(self) -> Any:
@@ -443,6 +455,25 @@ def _check_graph(nodes: list[Node], declared: set[str], outputs: Any) -> list[Pr
                         location=f"nodes.{node.id}.needs",
                         node=node.id,
                         message=f"needs unknown node {need!r}",
+                    )
+                )
+    for node in nodes:
+        if isinstance(node.on_error, ErrorHandler):
+            handler = node.on_error.handler
+            if handler not in declared:
+                problems.append(
+                    Problem(
+                        location=f"nodes.{node.id}.on_error.handler",
+                        node=node.id,
+                        message=f"handler {handler!r} is not a node",
+                    )
+                )
+            elif handler in by_id and node.id not in by_id[handler].needs:
+                problems.append(
+                    Problem(
+                        location=f"nodes.{node.id}.on_error.handler",
+                        node=node.id,
+                        message=f"handler {handler!r} must list {node.id!r} in its needs",
                     )
                 )
     cycle = _find_cycle(by_id)
