@@ -156,3 +156,35 @@ async def test_a_javascript_node_runs_in_a_v8_isolate_between_python_nodes(engin
         e for e in report.events if e.type == "NodeSucceeded" and e.payload["node_id"] == "shout"
     )
     assert succeeded.payload["stdout"].strip() == "3"
+
+
+async def test_a_failing_node_routes_to_its_error_handler_through_the_broker(engine: Engine) -> None:
+    routed = parse_definition(
+        {
+            "name": "routed",
+            "nodes": [
+                {
+                    "id": "charge",
+                    "type": "python",
+                    "on_error": {"handler": "refund"},
+                    "config": {"code": "def main():\n    raise RuntimeError('card declined')"},
+                },
+                {
+                    "id": "refund",
+                    "type": "python",
+                    "needs": ["charge"],
+                    "config": {
+                        "inputs": {"why": "charge.message"},
+                        "code": "def main(why):\n    return 'refunded: ' + why",
+                    },
+                },
+                {"id": "ship", "type": "transform", "needs": ["charge"], "config": {"output": "'shipped'"}},
+            ],
+            "outputs": {"result": "refund"},
+        }
+    ).model_dump(mode="json")
+    report = await run_to_end(engine, routed, {})
+    assert report.status == "completed", report.error
+    # The handler sees the executor's message: the exception's text, then the node's traceback.
+    assert report.outputs["result"].startswith("refunded: card declined\n")
+    assert report.nodes["ship"].status == "skipped"
