@@ -145,12 +145,7 @@ def run(
 async def _run(settings: Settings, command: Envelope) -> RunReport:
     kafka = running_engine(settings)
     if kafka is not None:
-        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
-        await producer.start()
-        try:
-            await producer.send_and_wait(kafka.topic(COMMANDS), encode(command), key=command.run_id.encode())
-        finally:
-            await producer.stop()
+        await _send_command(kafka, command)
         return await _follow_with_progress(kafka, command)
     with err.status("starting the embedded engine…"):
         stack_cm = running_stack(settings)
@@ -274,16 +269,17 @@ def _publish(command: Envelope) -> None:
     if kafka is None:
         err.print(f"[red]no running engine: start one with `citadel up` (home {settings.home})[/red]")
         raise typer.Exit(EXIT_INVALID)
+    asyncio.run(_send_command(kafka, command))
 
-    async def send() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
-        await producer.start()
-        try:
-            await producer.send_and_wait(kafka.topic(COMMANDS), encode(command), key=command.run_id.encode())
-        finally:
-            await producer.stop()
 
-    asyncio.run(send())
+async def _send_command(kafka: KafkaSettings, command: Envelope) -> None:
+    """Publish one command to `citadel.commands`, as any Kafka client could."""
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(kafka.topic(COMMANDS), encode(command), key=command.run_id.encode())
+    finally:
+        await producer.stop()
 
 
 @app.command()

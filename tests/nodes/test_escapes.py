@@ -12,11 +12,9 @@ import asyncio
 import os
 import subprocess
 import tempfile
-import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,12 @@ import pytest_asyncio
 
 from nodes.python import PythonExecutor
 from schemas.tasks import NodeOutcome, NodeTask
+from tests.nodes.support import make_task, started
+
+
+def attack(code: str, **fields: Any) -> NodeTask:
+    return make_task(code, node_id="attacker", **fields)
+
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STORE_SECRET = "event-store-secret-7f3a9c"
@@ -35,34 +39,6 @@ OUTPUT_CAP = 1024
 RESULT_CAP = 4096
 # Under /tmp everything is hidden anyway (the sandbox mounts its own /tmp), so state lives here.
 STATE_PARENT = "/var/tmp"
-
-
-def make_task(code: str, **fields: Any) -> NodeTask:
-    config = {"code": textwrap.dedent(code)}
-    config.update(fields.pop("config", {}))
-    values: dict[str, Any] = {
-        "run_id": "run-1",
-        "tenant": "acme",
-        "workflow": "wf",
-        "node_id": "attacker",
-        "node_type": "python",
-        "attempt": 1,
-        "attempt_id": "run-1/attacker/1",
-        "config": config,
-        "inputs": {},
-        "timeout_seconds": 5.0,
-    }
-    values.update(fields)
-    return NodeTask(**values)
-
-
-@asynccontextmanager
-async def started(executor: PythonExecutor) -> AsyncIterator[PythonExecutor]:
-    await executor.start()
-    try:
-        yield executor
-    finally:
-        await executor.stop()
 
 
 @dataclass
@@ -126,14 +102,14 @@ async def still_serving(engine: Engine) -> AsyncIterator[None]:
     """After every escape attempt the executor still runs a normal attempt, quickly."""
     yield
     started_at = time.monotonic()
-    outcome = await engine.executor.execute(make_task("def main(x):\n    return x * 2", inputs={"x": 21}))
+    outcome = await engine.executor.execute(attack("def main(x):\n    return x * 2", inputs={"x": 21}))
     assert outcome.ok, outcome
     assert outcome.output == 42
     assert time.monotonic() - started_at < 2.0
 
 
 async def run(engine: Engine, code: str, **fields: Any) -> NodeOutcome:
-    return await engine.executor.execute(make_task(code, **fields))
+    return await engine.executor.execute(attack(code, **fields))
 
 
 def sandbox_processes(engine: Engine) -> int:
@@ -434,7 +410,7 @@ async def test_the_engines_home_and_citadel_home_are_hidden_by_default(
         monkeypatch.chdir(cwd)
         monkeypatch.setenv("CITADEL_HOME", str(home))
         async with started(PythonExecutor()) as fresh:
-            outcome = await fresh.execute(make_task(code, inputs={"paths": paths}))
+            outcome = await fresh.execute(attack(code, inputs={"paths": paths}))
     finally:
         for directory in (cwd / ".citadel", cwd, home):
             for entry in directory.iterdir():

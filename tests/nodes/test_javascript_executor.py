@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import textwrap
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,25 +11,11 @@ import pytest_asyncio
 
 from nodes.javascript import JavaScriptExecutor
 from schemas.tasks import NodeTask
+from tests.nodes import support
 
 
 def make_task(code: str, **fields: Any) -> NodeTask:
-    config = {"code": textwrap.dedent(code)}
-    config.update(fields.pop("config", {}))
-    values: dict[str, Any] = {
-        "run_id": "run-1",
-        "tenant": "acme",
-        "workflow": "wf",
-        "node_id": "step",
-        "node_type": "javascript",
-        "attempt": 1,
-        "attempt_id": "run-1/step/1",
-        "config": config,
-        "inputs": {},
-        "timeout_seconds": 5.0,
-    }
-    values.update(fields)
-    return NodeTask(**values)
+    return support.make_task(code, node_type="javascript", **fields)
 
 
 @pytest_asyncio.fixture(scope="module")

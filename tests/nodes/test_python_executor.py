@@ -8,12 +8,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -21,36 +18,9 @@ import pytest_asyncio
 from nodes.base import DuplicateNodeType, ExecutorRegistry
 from nodes.python import PythonExecutor
 from schemas.tasks import NodeOutcome, NodeTask
+from tests.nodes.support import make_task, started
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_task(code: str, node_type: str = "python", **fields: Any) -> NodeTask:
-    config = {"code": textwrap.dedent(code)}
-    config.update(fields.pop("config", {}))
-    values: dict[str, Any] = {
-        "run_id": "run-1",
-        "tenant": "acme",
-        "workflow": "wf",
-        "node_id": "step",
-        "node_type": node_type,
-        "attempt": 1,
-        "attempt_id": "run-1/step/1",
-        "config": config,
-        "inputs": {},
-        "timeout_seconds": 5.0,
-    }
-    values.update(fields)
-    return NodeTask(**values)
-
-
-@asynccontextmanager
-async def started(executor: PythonExecutor) -> AsyncIterator[PythonExecutor]:
-    await executor.start()
-    try:
-        yield executor
-    finally:
-        await executor.stop()
 
 
 @pytest_asyncio.fixture(scope="session")

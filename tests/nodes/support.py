@@ -1,0 +1,41 @@
+"""What the executor tests share: a task for some code, and an executor started for a block."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from nodes.base import NodeExecutor
+from schemas.tasks import NodeTask
+
+E = TypeVar("E", bound=NodeExecutor)
+
+
+def make_task(code: str, node_type: str = "python", node_id: str = "step", **fields: Any) -> NodeTask:
+    config = {"code": textwrap.dedent(code)}
+    config.update(fields.pop("config", {}))
+    values: dict[str, Any] = {
+        "run_id": "run-1",
+        "tenant": "acme",
+        "workflow": "wf",
+        "node_id": node_id,
+        "node_type": node_type,
+        "attempt": 1,
+        "attempt_id": f"run-1/{node_id}/1",
+        "config": config,
+        "inputs": {},
+        "timeout_seconds": 5.0,
+    }
+    values.update(fields)
+    return NodeTask(**values)
+
+
+@asynccontextmanager
+async def started(executor: E) -> AsyncIterator[E]:
+    await executor.start()
+    try:
+        yield executor
+    finally:
+        await executor.stop()
