@@ -391,6 +391,9 @@ def _enter_private_namespaces(workdir: str, runtime_dir: str) -> str:
     # Held open across the new /tmp, which may cover the runtime directory.
     workdir_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
     _mount(b"tmpfs", "/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, PRIVATE_TMP_OPTIONS)
+    # /dev/shm is the other place any process may write: one per attempt too.
+    if os.path.isdir("/dev/shm"):
+        _mount(b"tmpfs", "/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV, PRIVATE_TMP_OPTIONS)
     os.makedirs(runtime_dir, exist_ok=True)
     # Only this attempt's capture files stay in view: not the socket, nor other attempts.
     _mount(b"/proc/self/fd/%d" % workdir_fd, runtime_dir, None, MS_BIND, None)

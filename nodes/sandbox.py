@@ -119,6 +119,9 @@ def bubblewrap_command(
     # After the code paths: the engine's home usually sits inside the project.
     for path in state:
         command += ["--tmpfs", path]
+    # Read-only, so no attempt can leave anything there for the next one to find.
+    for path in [*system, *state]:
+        command += ["--remount-ro", path]
     command += ["--bind", str(runtime_dir), str(runtime_dir), "--chdir", str(runtime_dir)]
     return command
 
