@@ -266,6 +266,12 @@ class Zygote:
         """Kill an attempt whose engine hung up: it timed out, or already has its reply."""
         assert child.connection is not None
         self.poller.unregister(child.connection.fileno())
+        # The runner is the init of the attempt's PID namespace, in a session of its own, and
+        # may have dropped its death signal: kill it by pid first, which ends everything in
+        # that namespace. It is the unreaped child of the live spare, so its pid is not recycled.
+        for runner in _children_of(child.pid):
+            with contextlib.suppress(OSError):
+                os.kill(runner, signal.SIGKILL)
         # Until its pidfd is handled the child is unreaped, so its group id is not recycled.
         with contextlib.suppress(OSError):
             os.killpg(child.pid, signal.SIGKILL)
@@ -408,6 +414,22 @@ def _enter_private_namespaces(workdir: str, runtime_dir: str) -> str:
     _drop_capabilities()
     os.chdir(PRIVATE_SCRATCH)
     return runtime_dir
+
+
+def _children_of(parent: int) -> list[int]:
+    """Pids whose parent is `parent`, from /proc (the sandbox's own PID namespace)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(entry))
+    return children
 
 
 def _mirror_exit(runner: int) -> NoReturn:

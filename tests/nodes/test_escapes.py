@@ -800,15 +800,6 @@ async def test_a_process_that_leaves_the_nodes_session_dies_with_the_attempt(eng
     assert await eventually(lambda: not runs_command("60.0441"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a node that clears its parent-death signal (prctl(PR_SET_PDEATHSIG, 0)) outlives its "
-        "timeout: the zygote kills only the spare's process group, the runner (PID 1 of the "
-        "attempt's namespace, in its own session) is no longer killed when the spare dies, and it "
-        "keeps running (here as `sleep`) until the executor stops"
-    ),
-)
 async def test_a_node_that_clears_its_parent_death_signal_still_dies_at_its_timeout(
     engine: Engine,
 ) -> None:
@@ -826,7 +817,7 @@ async def test_a_node_that_clears_its_parent_death_signal_still_dies_at_its_time
         assert outcome.error_class == "Timeout"
         assert await eventually(lambda: not runs_command(marker))
     finally:
-        # The leaked sleeper is ours: end it by its pid so later tests start clean.
+        # Should the sleeper ever leak again, end it by its pid so later tests start clean.
         for entry in Path("/proc").iterdir():
             try:
                 if marker.encode() in (entry / "cmdline").read_bytes():
