@@ -94,6 +94,9 @@ def kafka_of(home: Path) -> KafkaSettings:
     return KafkaSettings.for_embedded(info["bootstrap"], info["partitions"])
 
 
+LAST_READ: dict[str, float] = {}  # broker -> when the collector last got messages from it
+
+
 async def collect(kafka: KafkaSettings, seen: set[tuple[str, int]], stop: asyncio.Event) -> None:
     consumer = topic_reader(kafka, RUN_EVENTS)
     await consumer.start()
@@ -107,6 +110,8 @@ async def collect(kafka: KafkaSettings, seen: set[tuple[str, int]], stop: asynci
                 for record in records:
                     event = orjson.loads(record.value)
                     seen.add((event["run_id"], event["version"]))
+            if batch:
+                LAST_READ[kafka.bootstrap] = time.monotonic()
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(consumer.stop(), 5)
@@ -170,6 +175,13 @@ async def test_sigkill_mid_run_then_restart_completes_every_run_exactly_once(
         first.send_signal(signal.SIGKILL)
         first.wait()
         if kill_broker:
+            # Everything the dead engine published is in this broker: let the collector read it
+            # all (it has been quiet for a second) before the broker, and its memory, go too.
+            await wait_for(
+                lambda: time.monotonic() - LAST_READ.get(kafka.bootstrap, 0) > 1.0,
+                20,
+                "the collector to catch up with the first broker",
+            )
             broker = json.loads((home / "broker.json").read_text())
             os.kill(broker["pid"], signal.SIGKILL)
             stop_first.set()
