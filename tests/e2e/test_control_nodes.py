@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 from aggregates.store import RunStore
@@ -35,12 +36,16 @@ async def test_wait_and_approval_survive_engine_restarts(
     # Engine 1 starts the wait, then goes away before the timer is due.
     async with engine_factory(store_url=store_url) as first:
         await first.submit(command)
-        async for event in watch_run(first.settings.kafka, command.run_id):
-            if event.type == "WaitScheduled":
-                break
+        async with contextlib.aclosing(watch_run(first.settings.kafka, command.run_id)) as events:
+            async for event in events:
+                if event.type == "WaitScheduled":
+                    break
     # Engine 2 (on a broker namespace that kept nothing) re-arms the wait; the approval opens.
-    async with engine_factory(store_url=store_url) as second:
-        async for event in watch_run(second.settings.kafka, command.run_id):
+    async with (
+        engine_factory(store_url=store_url) as second,
+        contextlib.aclosing(watch_run(second.settings.kafka, command.run_id)) as events,
+    ):
+        async for event in events:
             if event.type == "ApprovalRequested":
                 break
     # Engine 3 takes the signal and the run finishes.

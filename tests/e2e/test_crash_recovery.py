@@ -252,9 +252,10 @@ async def test_a_retry_timer_pending_when_the_engine_stops_fires_after_restart(
     command = start_command(flaky, {}, "acme")
     async with engine_factory(store_url=store_url) as first:
         await first.submit(command)
-        async for event in watch_run(first.settings.kafka, command.run_id):
-            if event.type == "RetryScheduled":
-                break
+        async with contextlib.aclosing(watch_run(first.settings.kafka, command.run_id)) as events:
+            async for event in events:
+                if event.type == "RetryScheduled":
+                    break
     # A fresh topic namespace: as if the embedded broker had restarted empty.
     async with engine_factory(store_url=store_url) as second:
         report = await asyncio.wait_for(follow(second.settings.kafka, command.run_id), 30)
