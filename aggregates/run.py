@@ -566,26 +566,24 @@ class Run(Aggregate):
     def _wait_scheduled(
         self, node_id: str, attempt_id: str, timer_id: str, due_at: str, command_id: str
     ) -> None:
-        self.timers[timer_id] = {
-            "node_id": node_id,
-            "attempt": self.nodes[node_id]["attempt"],
-            "due_at": due_at,
-            "kind": "wait",
-        }
+        self._arm(timer_id, node_id, due_at, "wait")
         self.applied[command_id] = 1
 
     @event("ApprovalRequested")
     def _approval_requested(
         self, node_id: str, attempt_id: str, timer_id: str | None, due_at: str | None, command_id: str
     ) -> None:
-        if timer_id is not None:
-            self.timers[timer_id] = {
-                "node_id": node_id,
-                "attempt": self.nodes[node_id]["attempt"],
-                "due_at": due_at,
-                "kind": "approval",
-            }
+        if timer_id is not None and due_at is not None:
+            self._arm(timer_id, node_id, due_at, "approval")
         self.applied[command_id] = 1
+
+    def _arm(self, timer_id: str, node_id: str, due_at: str, kind: str) -> None:
+        self.timers[timer_id] = {
+            "node_id": node_id,
+            "attempt": self.nodes[node_id]["attempt"],
+            "due_at": due_at,
+            "kind": kind,
+        }
 
     @event("NodeRecovered")
     def _node_recovered(self, node_id: str, error_class: str, message: str, command_id: str) -> None:

@@ -24,7 +24,7 @@ import pytest_asyncio
 
 from nodes.python import PythonExecutor
 from schemas.tasks import NodeOutcome, NodeTask
-from tests.nodes.support import make_task, started
+from tests.nodes.support import make_task, runs_command, started
 
 
 def attack(code: str, **fields: Any) -> NodeTask:
@@ -125,16 +125,6 @@ def sandbox_processes(engine: Engine) -> int:
         except OSError:
             continue
     return count
-
-
-def runs_command(marker: str) -> bool:
-    for entry in Path("/proc").iterdir():
-        try:
-            if marker.encode() in (entry / "cmdline").read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
 
 
 async def eventually(condition: Any, within: float = 3.0) -> bool:

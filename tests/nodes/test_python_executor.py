@@ -18,7 +18,7 @@ import pytest_asyncio
 from nodes.base import DuplicateNodeType, ExecutorRegistry
 from nodes.python import PythonExecutor
 from schemas.tasks import NodeOutcome, NodeTask
-from tests.nodes.support import make_task, started
+from tests.nodes.support import make_task, runs_command, started
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,17 +37,6 @@ def is_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def runs_command(marker: str) -> bool:
-    """True while some process, in any PID namespace, has `marker` in its command line."""
-    for entry in Path("/proc").iterdir():
-        try:
-            if marker.encode() in (entry / "cmdline").read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
 
 
 async def wait_until_no_command(marker: str, within: float = 3.0) -> bool:
