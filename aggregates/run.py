@@ -14,14 +14,19 @@ from typing import Any
 import orjson
 from eventsourcing.domain import Aggregate, event
 
-from schemas.definition import CONTROL_TYPES, ENGINE_TYPES, Node, WorkflowDefinition
+from schemas.definition import CONTROL_TYPES, ENGINE_TYPES, INDEX, ITEM, Node, WorkflowDefinition
 from schemas.expressions import INPUT, RUN, ExpressionError, evaluate, evaluate_mapping
 
 # A failure of this class is deterministic (same context, same error), so it never retries.
 EXPRESSION_ERROR = "ExpressionError"
 
 RUNNING = "running"
+# A run that failed and is running the `compensate` steps of the nodes it completed (saga).
+COMPENSATING = "compensating"
+ACTIVE_RUN = frozenset({RUNNING, COMPENSATING})
 TERMINAL_RUN = frozenset({"completed", "failed", "cancelled"})
+COMPENSATE = ".compensate"
+CHILD_RUNS = uuid.UUID("0b6f4f7e-5a0c-4d3e-9e51-8c1d2f0a7b33")
 # "recovered": failed for good, but its on_error said continue or named a handler.
 DONE_NODE = frozenset({"succeeded", "skipped", "recovered"})
 
@@ -41,6 +46,16 @@ def _spec(digest: str, document: dict[str, Any]) -> WorkflowDefinition:
         if len(_SPECS) > 256:
             _SPECS.popitem(last=False)
     return spec
+
+
+def child_run_id(attempt_id: str) -> str:
+    """The run a subworkflow attempt starts: derived, so a repeated request starts it once."""
+    return str(uuid.uuid5(CHILD_RUNS, attempt_id))
+
+
+def step_owner(step_id: str) -> str:
+    """The node a step (map item `m[3]`, compensation `n.compensate`) runs on behalf of."""
+    return step_id.split("[", 1)[0].removesuffix(COMPENSATE)
 
 
 def run_uuid(run_id: str) -> uuid.UUID:
@@ -66,8 +81,10 @@ class Run(Aggregate):
         input: dict[str, Any],
         tenant: str,
         command_id: str,
+        parent: dict[str, Any] | None = None,
     ) -> None:
         self.run_id = run_id
+        self.parent = parent  # {run_id, node_id, attempt_id} of the subworkflow node that started it
         self.digest = digest
         self.workflow = workflow
         self.workflow_version = workflow_version
@@ -81,7 +98,11 @@ class Run(Aggregate):
         self.nodes: dict[str, dict[str, Any]] = {
             n["id"]: {"status": "pending", "attempt": 0, "attempt_id": None} for n in definition["nodes"]
         }
-        self.attempts: dict[str, str] = {}  # attempt id -> node id
+        # step id -> state like a node's: map items ("m[3]") and compensations ("n.compensate")
+        self.steps: dict[str, dict[str, Any]] = {}
+        self.completed: list[str] = []  # nodes in the order they succeeded (compensation order)
+        self.compensation: dict[str, Any] | None = None  # {reason, node_id, steps, next}
+        self.attempts: dict[str, str] = {}  # attempt id -> node or step id
         self.timers: dict[str, dict[str, Any]] = {}  # pending timer id -> {node_id, attempt, due_at}
         self.applied: dict[str, int] = {command_id: 1}
 
@@ -96,6 +117,7 @@ class Run(Aggregate):
         tenant: str,
         command_id: str,
         now: dt.datetime,
+        parent: dict[str, Any] | None = None,
     ) -> Run:
         run = cls(
             run_id=run_id,
@@ -106,6 +128,7 @@ class Run(Aggregate):
             input=input,
             tenant=tenant,
             command_id=command_id,
+            parent=parent,
         )
         run.advance(command_id, now)
         return run
@@ -120,7 +143,7 @@ class Run(Aggregate):
     def attempt_started(self, node_id: str, attempt_id: str, command_id: str) -> None:
         state = self._node_of_attempt(node_id, attempt_id)
         if (
-            self.status != RUNNING
+            not self._takes(node_id)
             or state["attempt_id"] != attempt_id
             or state["status"] != "scheduled"
             or state.get("started")
@@ -140,7 +163,7 @@ class Run(Aggregate):
         now: dt.datetime,
     ) -> None:
         state = self._node_of_attempt(node_id, attempt_id)
-        if self.status != RUNNING or state["attempt_id"] != attempt_id or state["status"] != "scheduled":
+        if not self._takes(node_id) or state["attempt_id"] != attempt_id or state["status"] != "scheduled":
             return  # a result for a finished run or a superseded/finished attempt changes nothing
         self._implied_start(state, command_id)
         self._node_succeeded(
@@ -152,6 +175,7 @@ class Run(Aggregate):
             stderr=stderr,
             command_id=command_id,
         )
+        self._step_done(node_id, command_id, now)
         self.advance(command_id, now)
 
     def node_failed(
@@ -167,20 +191,21 @@ class Run(Aggregate):
         now: dt.datetime,
     ) -> None:
         state = self._node_of_attempt(node_id, attempt_id)
-        if self.status != RUNNING or state["attempt_id"] != attempt_id or state["status"] != "scheduled":
+        if not self._takes(node_id) or state["attempt_id"] != attempt_id or state["status"] != "scheduled":
             return
         self._implied_start(state, command_id)
         self._fail_attempt(
-            self.spec.node(node_id), state, error_class, message, duration_ms, stdout, stderr, command_id, now
+            self._node(node_id), state, error_class, message, duration_ms, stdout, stderr, command_id, now
         )
+        self._step_done(node_id, command_id, now)
 
     def timer_fired(self, timer_id: str, command_id: str, now: dt.datetime) -> None:
-        if self.status != RUNNING:
+        if self.status not in ACTIVE_RUN:
             return
         timer = self.timers.get(timer_id)
         if timer is None:
             raise Rejected(f"run {self.run_id} has no pending timer {timer_id!r}")
-        node = self.spec.node(timer["node_id"])
+        node = self._node(timer["node_id"])
         kind = timer.get("kind", "retry")
         if kind == "retry":
             self._schedule(node, timer["attempt"], command_id, now, timer_id=timer_id)
@@ -232,8 +257,10 @@ class Run(Aggregate):
         )
 
     def cancel(self, reason: str, command_id: str) -> None:
-        if self.status != RUNNING:
+        """Stop scheduling (a compensation under way stops too) and cancel the child runs."""
+        if self.status not in ACTIVE_RUN:
             raise Rejected(f"run {self.run_id} is already {self.status}; it cannot be cancelled")
+        self._cancel_children(reason, command_id)
         self._cancelled(reason=reason, command_id=command_id)
 
     def advance(self, command_id: str, now: dt.datetime) -> None:
@@ -266,7 +293,7 @@ class Run(Aggregate):
             try:
                 outputs = evaluate_mapping(spec.outputs, self._context())
             except ExpressionError as exc:
-                self._failed(reason=f"workflow outputs: {exc}", node_id=None, command_id=command_id)
+                self._fail_run(f"workflow outputs: {exc}", None, command_id, now)
             else:
                 self._completed(outputs=outputs, command_id=command_id)
 
@@ -320,7 +347,7 @@ class Run(Aggregate):
     ) -> None:
         attempt_id = self._new_attempt_id(node.id, attempt)
         inline = node.type in ENGINE_TYPES
-        context = self._context(attempt)
+        context = self._step_context(node.id, attempt)
         inputs: dict[str, Any] = {}
         error: str | None = None
         if not inline:
@@ -340,7 +367,7 @@ class Run(Aggregate):
             timer_id=timer_id,
             command_id=command_id,
         )
-        state = self.nodes[node.id]
+        state = self._state(node.id)
         if error is not None:
             self._fail_attempt(node, state, EXPRESSION_ERROR, error, 0.0, "", "", command_id, now)
             return
@@ -370,6 +397,53 @@ class Run(Aggregate):
     ) -> None:
         config = node.typed_config()
         timer_id = f"{node.type}:{attempt_id}"
+        if node.type == "map":
+            try:
+                items = evaluate(config.items, context)
+                if not isinstance(items, list):
+                    raise ExpressionError(f"items must be a list, got {type(items).__name__}")
+            except ExpressionError as exc:
+                self._fail_attempt(
+                    node,
+                    self.nodes[node.id],
+                    EXPRESSION_ERROR,
+                    f"config.items: {exc}",
+                    0.0,
+                    "",
+                    "",
+                    command_id,
+                    now,
+                )
+                return
+            self._map_started(node_id=node.id, attempt_id=attempt_id, items=items, command_id=command_id)
+            self._map_fill(node, command_id, now)
+            return
+        if node.type == "subworkflow":
+            try:
+                child_input = evaluate_mapping(config.inputs, context)
+            except ExpressionError as exc:
+                self._fail_attempt(
+                    node,
+                    self.nodes[node.id],
+                    EXPRESSION_ERROR,
+                    f"config.inputs.{exc}",
+                    0.0,
+                    "",
+                    "",
+                    command_id,
+                    now,
+                )
+                return
+            self._child_run_requested(
+                node_id=node.id,
+                attempt_id=attempt_id,
+                child_run_id=child_run_id(attempt_id),
+                workflow=config.workflow,
+                version=config.version,
+                input=child_input,
+                command_id=command_id,
+            )
+            return
         if node.type == "wait":
             if config.seconds is not None:
                 due = now + dt.timedelta(seconds=config.seconds)
@@ -440,17 +514,124 @@ class Run(Aggregate):
                 delay_seconds=delay,
                 command_id=command_id,
             )
-        elif node.on_error != "fail":
+        else:
+            self._gave_up(node.id, attempt, error_class, message, command_id, now)
+
+    def _gave_up(
+        self, node_id: str, attempts: int, error_class: str, message: str, command_id: str, now: dt.datetime
+    ) -> None:
+        """What the final failure of a node or a step leads to."""
+        if node_id.endswith(COMPENSATE):
+            return  # recorded; the compensation goes on with the next step
+        if node_id not in self.nodes:
+            # A map item: its map fails, with the item named.
+            owner = step_owner(node_id)
+            state = self.nodes[owner]
+            message = f"item {node_id[len(owner) + 1 : -1]} failed after {attempts} attempt(s): {message}"
+            self._node_failed(
+                node_id=owner,
+                attempt_id=state["attempt_id"],
+                error_class=error_class,
+                message=message,
+                duration_ms=0.0,
+                stdout="",
+                stderr="",
+                will_retry=False,
+                command_id=command_id,
+            )
+            node_id, attempts = owner, state["attempt"]
+        if self.spec.node(node_id).on_error != "fail":
             self._node_recovered(
-                node_id=node.id, error_class=error_class, message=message, command_id=command_id
+                node_id=node_id, error_class=error_class, message=message, command_id=command_id
             )
             self.advance(command_id, now)
         else:
-            self._failed(
-                reason=f"node {node.id!r} failed after {attempt} attempt(s): {error_class}: {message}",
-                node_id=node.id,
-                command_id=command_id,
+            self._fail_run(
+                f"node {node_id!r} failed after {attempts} attempt(s): {error_class}: {message}",
+                node_id,
+                command_id,
+                now,
             )
+
+    def _fail_run(self, reason: str, node_id: str | None, command_id: str, now: dt.datetime) -> None:
+        """Fail the run; first undo, in reverse order, what the nodes with a `compensate` step did."""
+        self._cancel_children(reason, command_id)
+        spec = self.spec
+        steps = [f"{n}{COMPENSATE}" for n in reversed(self.completed) if spec.node(n).compensate is not None]
+        if not steps:
+            self._failed(reason=reason, node_id=node_id, command_id=command_id)
+            return
+        self._compensation_started(reason=reason, node_id=node_id, steps=steps, command_id=command_id)
+        self._compensate_next(command_id, now)
+
+    def _compensate_next(self, command_id: str, now: dt.datetime) -> None:
+        """Schedule the first compensation step not yet run, one at a time; fail the run after the last."""
+        assert self.compensation is not None
+        for step_id in self.compensation["steps"]:
+            if step_id not in self.steps:
+                self._schedule(self._node(step_id), 1, command_id, now)
+            if self.steps[step_id]["status"] not in ("succeeded", "failed"):
+                return  # its result (or retry) comes later
+        failed = [step_owner(s) for s in self.compensation["steps"] if self.steps[s]["status"] == "failed"]
+        reason = self.compensation["reason"]
+        if failed:
+            reason += f"; compensation failed for {', '.join(repr(n) for n in failed)}"
+        self._failed(reason=reason, node_id=self.compensation["node_id"], command_id=command_id)
+
+    def _map_fill(self, node: Node, command_id: str, now: dt.datetime) -> None:
+        """Schedule a map's next items up to its concurrency; complete it when every item is done."""
+        state = self.nodes[node.id]
+        concurrency = node.typed_config().concurrency
+        items = state["items"]
+        while (
+            self.status == RUNNING
+            and state["status"] == "scheduled"
+            and state["next"] < len(items)
+            and state["next"] - state["done"] < concurrency
+        ):
+            self._schedule(self._node(f"{node.id}[{state['next']}]"), 1, command_id, now)
+        if self.status == RUNNING and state["status"] == "scheduled" and state["done"] == len(items):
+            output = [self.steps[f"{node.id}[{i}]"]["output"] for i in range(len(items))]
+            self._complete_control(node, output, command_id)
+
+    def _step_done(self, node_id: str, command_id: str, now: dt.datetime) -> None:
+        """A step's attempt ended: let its map or its compensation go on."""
+        if node_id in self.nodes:
+            return
+        if node_id.endswith(COMPENSATE):
+            if self.status == COMPENSATING and self.steps[node_id]["status"] in ("succeeded", "failed"):
+                self._compensate_next(command_id, now)
+        else:
+            self._map_fill(self.spec.node(step_owner(node_id)), command_id, now)
+
+    def _cancel_children(self, reason: str, command_id: str) -> None:
+        for node_id, state in self.nodes.items():
+            if state["status"] == "scheduled" and state.get("child_run_id"):
+                self._child_cancel_requested(
+                    node_id=node_id, child_run_id=state["child_run_id"], reason=reason, command_id=command_id
+                )
+
+    def _takes(self, node_id: str) -> bool:
+        """Whether news of this node's or step's attempt can still change the run."""
+        if node_id.endswith(COMPENSATE):
+            return self.status == COMPENSATING
+        if self.status != RUNNING:
+            return False
+        return node_id in self.nodes or self.nodes[step_owner(node_id)]["status"] == "scheduled"
+
+    def _node(self, node_id: str) -> Node:
+        """The node, or the node a step runs as (built from its owner's definition)."""
+        if node_id in self.nodes:
+            return self.spec.node(node_id)
+        owner = self.spec.node(step_owner(node_id))
+        if node_id.endswith(COMPENSATE):
+            assert owner.compensate is not None
+            return owner.step(node_id, owner.compensate)
+        return owner.step(node_id, owner.typed_config().node)
+
+    def _state(self, node_id: str) -> dict[str, Any]:
+        state = self.nodes.get(node_id)
+        return state if state is not None else self.steps[node_id]
 
     def _implied_start(self, state: dict[str, Any], command_id: str) -> None:
         # A result proves the attempt started. Executors report a start on its own only for
@@ -465,7 +646,7 @@ class Run(Aggregate):
     def _node_of_attempt(self, node_id: str, attempt_id: str) -> dict[str, Any]:
         if self.attempts.get(attempt_id) != node_id:
             raise Rejected(f"run {self.run_id} has no attempt {attempt_id!r} of node {node_id!r}")
-        return self.nodes[node_id]
+        return self._state(node_id)
 
     def _new_attempt_id(self, node_id: str, attempt: int) -> str:
         return f"{self.run_id}:{node_id}:{attempt}"
@@ -486,6 +667,15 @@ class Run(Aggregate):
                 context[node_id] = None
         return context
 
+    def _step_context(self, node_id: str, attempt: int) -> dict[str, Any]:
+        """The context of a node's or step's attempt: a map item also sees `item` and `index`."""
+        context = self._context(attempt)
+        if node_id not in self.nodes and not node_id.endswith(COMPENSATE):
+            owner = step_owner(node_id)
+            index = int(node_id[len(owner) + 1 : -1])
+            context[ITEM], context[INDEX] = self.nodes[owner]["items"][index], index
+        return context
+
     # ---- events: each method body is how the event changes the state -----
 
     @event("NodeScheduled")
@@ -502,9 +692,12 @@ class Run(Aggregate):
         timer_id: str | None,
         command_id: str,
     ) -> None:
-        self.nodes[node_id].update(
-            status="scheduled", attempt=attempt, attempt_id=attempt_id, started=False, inputs=inputs
-        )
+        state = self.nodes.get(node_id)
+        if state is None:
+            state = self.steps.setdefault(node_id, {"status": "pending", "attempt": 0, "attempt_id": None})
+            if attempt == 1 and not node_id.endswith(COMPENSATE):
+                self.nodes[step_owner(node_id)]["next"] += 1
+        state.update(status="scheduled", attempt=attempt, attempt_id=attempt_id, started=False, inputs=inputs)
         self.attempts[attempt_id] = node_id
         if timer_id is not None:
             self.timers.pop(timer_id, None)
@@ -512,7 +705,7 @@ class Run(Aggregate):
 
     @event("AttemptStarted")
     def _attempt_started(self, node_id: str, attempt_id: str, command_id: str) -> None:
-        self.nodes[node_id]["started"] = True
+        self._state(node_id)["started"] = True
         self.applied[command_id] = 1
 
     @event("NodeSucceeded")
@@ -526,7 +719,11 @@ class Run(Aggregate):
         stderr: str,
         command_id: str,
     ) -> None:
-        self.nodes[node_id].update(status="succeeded", output=output)
+        self._state(node_id).update(status="succeeded", output=output)
+        if node_id in self.nodes:
+            self.completed.append(node_id)
+        elif not node_id.endswith(COMPENSATE):
+            self.nodes[step_owner(node_id)]["done"] += 1
         self._drop_timers(node_id)
         self.applied[command_id] = 1
 
@@ -543,7 +740,7 @@ class Run(Aggregate):
         will_retry: bool,
         command_id: str,
     ) -> None:
-        self.nodes[node_id].update(
+        self._state(node_id).update(
             status="retry_wait" if will_retry else "failed", error_class=error_class, error=message
         )
         self._drop_timers(node_id)
@@ -580,10 +777,42 @@ class Run(Aggregate):
     def _arm(self, timer_id: str, node_id: str, due_at: str, kind: str) -> None:
         self.timers[timer_id] = {
             "node_id": node_id,
-            "attempt": self.nodes[node_id]["attempt"],
+            "attempt": self._state(node_id)["attempt"],
             "due_at": due_at,
             "kind": kind,
         }
+
+    @event("MapStarted")
+    def _map_started(self, node_id: str, attempt_id: str, items: list[Any], command_id: str) -> None:
+        self.nodes[node_id].update(items=items, next=0, done=0)
+        self.applied[command_id] = 1
+
+    @event("ChildRunRequested")
+    def _child_run_requested(
+        self,
+        node_id: str,
+        attempt_id: str,
+        child_run_id: str,
+        workflow: str,
+        version: int | None,
+        input: dict[str, Any],
+        command_id: str,
+    ) -> None:
+        self.nodes[node_id]["child_run_id"] = child_run_id
+        self.applied[command_id] = 1
+
+    @event("ChildCancelRequested")
+    def _child_cancel_requested(self, node_id: str, child_run_id: str, reason: str, command_id: str) -> None:
+        self.applied[command_id] = 1
+
+    @event("CompensationStarted")
+    def _compensation_started(
+        self, reason: str, node_id: str | None, steps: list[str], command_id: str
+    ) -> None:
+        self.status = COMPENSATING
+        self.compensation = {"reason": reason, "node_id": node_id, "steps": steps}
+        self.timers.clear()
+        self.applied[command_id] = 1
 
     @event("NodeRecovered")
     def _node_recovered(self, node_id: str, error_class: str, message: str, command_id: str) -> None:
@@ -630,13 +859,12 @@ class Run(Aggregate):
 
     def unfinished_attempts(self) -> list[dict[str, Any]]:
         """Attempts scheduled for an executor and not yet finished (to dispatch again on start)."""
-        if self.status != RUNNING:
-            return []
-        spec = self.spec
         result = []
-        for node_id, state in self.nodes.items():
-            node = spec.node(node_id)
-            if state["status"] == "scheduled" and node.type not in ENGINE_TYPES:
+        for node_id, state in [*self.nodes.items(), *self.steps.items()]:
+            if state["status"] != "scheduled" or not self._takes(node_id):
+                continue
+            node = self._node(node_id)
+            if node.type not in ENGINE_TYPES:
                 result.append(
                     {
                         "node": node,

@@ -187,8 +187,9 @@ class RunStore(Application[uuid.UUID]):
             if self._get(key, touched) is not None:
                 return DUPLICATE
             definition = self._definition_for(payload, touched)
+            parent = payload.parent.model_dump() if payload.parent is not None else None
             touched[key] = Run.start(
-                command.run_id, definition, payload.input, command.tenant, command.id, now
+                command.run_id, definition, payload.input, command.tenant, command.id, now, parent
             )
             return APPLIED
         run = self._get(key, touched)

@@ -47,8 +47,12 @@ RESERVED_IDS = frozenset(
         "var",
         "void",
         "while",
+        # a map item's step sees the item and its position under these names
+        "item",
+        "index",
     }
 )
+ITEM, INDEX = "item", "index"
 
 
 class Strict(BaseModel):
@@ -166,6 +170,34 @@ class ApprovalConfig(Strict):
     )
 
 
+class Step(Strict):
+    """A step the engine runs on a node's behalf: a map's per-item node, or a compensation."""
+
+    type: Literal["python", "javascript", "http", "transform"]
+    config: dict[str, Any] = Field(default_factory=dict)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout_seconds: float = Field(default=60.0, gt=0, le=86_400)
+
+
+class MapConfig(Strict):
+    """Runs `node` once per element of the list `items`, at most `concurrency` at a time; the
+    output is the list of the items' outputs, in the order of `items`. The step's expressions
+    see `item` and `index` besides the upstream nodes."""
+
+    items: str = Field(description="expression giving a list")
+    concurrency: int = Field(default=10, ge=1, le=1000)
+    node: Step
+
+
+class SubworkflowConfig(Strict):
+    """Starts a run of a deployed workflow and waits for it; the child's outputs become this
+    node's output, and cancelling or failing this run cancels the child."""
+
+    workflow: str = Field(pattern=WORKFLOW_NAME, max_length=128)
+    version: int | None = Field(default=None, ge=1, description="the latest when absent")
+    inputs: dict[str, str] = Field(default_factory=dict, description="child input field: expression")
+
+
 NODE_CONFIGS: dict[str, type[Strict]] = {
     "transform": TransformConfig,
     "condition": ConditionConfig,
@@ -175,11 +207,13 @@ NODE_CONFIGS: dict[str, type[Strict]] = {
     "http": HttpConfig,
     "wait": WaitConfig,
     "approval": ApprovalConfig,
+    "map": MapConfig,
+    "subworkflow": SubworkflowConfig,
 }
 # Node types decided in the decide step itself (pure expressions, no hop to an executor).
 INLINE_TYPES = frozenset({"transform", "condition", "log"})
 # Node types the engine itself completes later, on a timer or a signal (no executor).
-CONTROL_TYPES = frozenset({"wait", "approval"})
+CONTROL_TYPES = frozenset({"wait", "approval", "map", "subworkflow"})
 ENGINE_TYPES = INLINE_TYPES | CONTROL_TYPES
 
 
@@ -203,35 +237,69 @@ class Node(Strict):
         "node as {error_class, message}), or {handler: NODE} (that node runs, other dependents "
         "are skipped)",
     )
+    compensate: Step | None = Field(
+        default=None,
+        description="undoes this node's effect: run, in reverse completion order, when the run "
+        "fails after this node succeeded (saga); its expressions see this node's output",
+    )
     description: str = ""
 
     def typed_config(self) -> Any:
         return NODE_CONFIGS[self.type].model_validate(self.config)
 
-    def expressions(self) -> Iterable[tuple[str, str]]:
-        """(field path, expression) for every expression this node holds."""
+    def expressions(self) -> Iterable[tuple[str, str, frozenset[str]]]:
+        """(field path, expression, names it may read besides the upstream nodes) for every
+        expression this node holds."""
         if self.when is not None:
-            yield "when", self.when
-        config = self.config
-        if self.type == "transform":
-            output = config.get("output")
-            if isinstance(output, str):
-                yield "config.output", output
-            elif isinstance(output, dict):
-                for name, source in output.items():
-                    yield f"config.output.{name}", source
-        elif self.type == "condition":
-            yield "config.expression", config["expression"]
-        elif self.type == "log":
-            yield "config.message", config["message"]
-        elif self.type == "wait":
-            if config.get("until") is not None:
-                yield "config.until", config["until"]
-        elif self.type == "approval":
-            return
-        else:
-            for name, source in config.get("inputs", {}).items():
-                yield f"config.inputs.{name}", source
+            yield "when", self.when, frozenset()
+        for field, source in _config_expressions(self.type, self.config):
+            yield field, source, frozenset()
+        if self.type == "map":
+            step = self.config["node"]
+            yield "config.items", self.config["items"], frozenset()
+            for field, source in _config_expressions(step["type"], step.get("config", {})):
+                yield f"config.node.{field}", source, frozenset({ITEM, INDEX})
+        if self.compensate is not None:
+            for field, source in _config_expressions(self.compensate.type, self.compensate.config):
+                yield f"compensate.{field}", source, frozenset({self.id})
+
+    def step(self, node_id: str, step: Step) -> Node:
+        """The node that runs `step` on this node's behalf (validated already, so not again)."""
+        return Node.model_construct(
+            id=node_id,
+            type=step.type,
+            needs=[],
+            config=step.config,
+            retry=step.retry,
+            timeout_seconds=step.timeout_seconds,
+            when=None,
+            on_error="fail",
+            compensate=None,
+            description="",
+        )
+
+
+def _config_expressions(node_type: str, config: dict[str, Any]) -> Iterable[tuple[str, str]]:
+    """(field path under the node, expression) for the expressions of a node type's config."""
+    if node_type == "transform":
+        output = config.get("output")
+        if isinstance(output, str):
+            yield "config.output", output
+        elif isinstance(output, dict):
+            for name, source in output.items():
+                yield f"config.output.{name}", source
+    elif node_type == "condition":
+        yield "config.expression", config["expression"]
+    elif node_type == "log":
+        yield "config.message", config["message"]
+    elif node_type == "wait":
+        if config.get("until") is not None:
+            yield "config.until", config["until"]
+    elif node_type in ("approval", "map"):
+        return
+    else:
+        for name, source in config.get("inputs", {}).items():
+            yield f"config.inputs.{name}", source
 
 
 class WorkflowDefinition(Strict):
@@ -371,35 +439,42 @@ def _parse_node(index: int, raw: Any, problems: list[Problem]) -> Node | None:
             )
         )
         return None
+    found = _check_config(f"{where}.config", node.id, node.type, node.config)
+    if node.type == "map" and not found:
+        step = node.typed_config().node
+        found += _check_config(f"{where}.config.node.config", node.id, step.type, step.config)
+    if node.compensate is not None:
+        step = node.compensate
+        found += _check_config(f"{where}.compensate.config", node.id, step.type, step.config)
+    problems.extend(found)
+    return None if found else node
+
+
+def _check_config(where: str, node_id: str, node_type: str, config: dict[str, Any]) -> list[Problem]:
+    """Problems of the config of a node or a step of a known type."""
     try:
-        node.typed_config()
+        model = NODE_CONFIGS[node_type].model_validate(config)
     except ValidationError as exc:
-        problems.extend(_problems_from(exc, prefix=f"{where}.config", node=node.id))
-        return None
-    if node.type == "python":
-        problems.extend(_check_python(where, node))
-    return node
-
-
-def _check_python(where: str, node: Node) -> list[Problem]:
-    config = PythonConfig.model_validate(node.config)
+        return _problems_from(exc, prefix=where, node=node_id)
+    if not isinstance(model, PythonConfig):
+        return []
     try:
-        tree = ast.parse(config.code, filename=f"<node {node.id}>")
+        tree = ast.parse(model.code, filename=f"<node {node_id}>")
     except SyntaxError as exc:
         return [
             Problem(
-                location=f"{where}.config.code",
-                node=node.id,
+                location=f"{where}.code",
+                node=node_id,
                 message=f"Python syntax error at line {exc.lineno}: {exc.msg}",
             )
         ]
     defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
-    if config.entrypoint not in defined:
+    if model.entrypoint not in defined:
         return [
             Problem(
-                location=f"{where}.config.code",
-                node=node.id,
-                message=f"defines no function {config.entrypoint!r} to call",
+                location=f"{where}.code",
+                node=node_id,
+                message=f"defines no function {model.entrypoint!r} to call",
             )
         ]
     return []
@@ -483,9 +558,11 @@ def _check_graph(nodes: list[Node], declared: set[str], outputs: Any) -> list[Pr
         )
     for node in nodes:
         upstream = _upstream(by_id, node.id)
-        for field, source in node.expressions():
+        for field, source, extra in node.expressions():
             problems.extend(
-                _check_expression(f"nodes.{node.id}.{field}", source, upstream, declared, node.id, by_id)
+                _check_expression(
+                    f"nodes.{node.id}.{field}", source, upstream | extra, declared | extra, node.id, by_id
+                )
             )
     if isinstance(outputs, dict):
         for name, source in outputs.items():

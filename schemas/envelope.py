@@ -123,6 +123,15 @@ def decode(data: bytes | None) -> Envelope:
 # Command payloads. Commands travel on `citadel.commands`, keyed by run id.
 
 
+class ParentNode(BaseModel):
+    """The subworkflow node (and its attempt) that a child run reports back to."""
+
+    model_config = ConfigDict(extra="forbid")
+    run_id: str
+    node_id: str
+    attempt_id: str
+
+
 class StartRun(BaseModel):
     """Start a run of a workflow: either an inline definition document, or a deployed name."""
 
@@ -131,6 +140,7 @@ class StartRun(BaseModel):
     workflow: str | None = None
     workflow_version: int | None = None
     input: dict[str, Any] = Field(default_factory=dict)
+    parent: ParentNode | None = None
 
 
 class AttemptStarted(BaseModel):
