@@ -798,7 +798,9 @@ class Run(Aggregate):
         input: dict[str, Any],
         command_id: str,
     ) -> None:
-        self.nodes[node_id]["child_run_id"] = child_run_id
+        self.nodes[node_id].update(
+            child_run_id=child_run_id, child={"workflow": workflow, "version": version, "input": input}
+        )
         self.applied[command_id] = 1
 
     @event("ChildCancelRequested")
@@ -856,6 +858,21 @@ class Run(Aggregate):
             del self.timers[timer_id]
 
     # ---- queries ---------------------------------------------------------
+
+    def waiting_children(self) -> list[dict[str, Any]]:
+        """The child runs that subworkflow nodes are waiting for (to request again on start)."""
+        if self.status != RUNNING:
+            return []
+        return [
+            {
+                "node_id": node_id,
+                "attempt_id": state["attempt_id"],
+                "child_run_id": state["child_run_id"],
+                **state["child"],
+            }
+            for node_id, state in self.nodes.items()
+            if state["status"] == "scheduled" and state.get("child_run_id")
+        ]
 
     def unfinished_attempts(self) -> list[dict[str, Any]]:
         """Attempts scheduled for an executor and not yet finished (to dispatch again on start)."""

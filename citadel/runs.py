@@ -57,6 +57,8 @@ class RunReport:
             node.finished = event.time
         elif event.type == "NodeSkipped" and node:
             node.status = "skipped"
+        elif event.type == "CompensationStarted":
+            self.status = "compensating"
         elif event.type == "Completed":
             self.status, self.outputs = "completed", p["outputs"]
         elif event.type in ("Failed", "Cancelled"):

@@ -21,7 +21,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -30,7 +30,7 @@ from eventsourcing.persistence import Notification
 from pydantic import ValidationError
 
 from aggregates.ledger import Ledger, open_ledger
-from aggregates.run import Run
+from aggregates.run import ACTIVE_RUN, Run
 from aggregates.store import REJECTED, RunStore
 from nodes.base import ExecutorRegistry
 from schemas.envelope import Envelope, EnvelopeError, decode, encode
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OUTBOX = "run-events"
-TERMINAL_EVENTS = frozenset({"Completed", "Failed", "Cancelled"})
+TERMINAL_EVENTS = {"Completed": "completed", "Failed": "failed", "Cancelled": "cancelled"}
 TIMER_EVENTS = frozenset({"RetryScheduled", "WaitScheduled", "ApprovalRequested"})
 _EVENT_META = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
 
@@ -123,6 +123,28 @@ def result_command(task: NodeTask, outcome: NodeOutcome) -> Envelope:
     return Envelope.new(kind, task.run_id, payload, id=f"{task.attempt_id}:result", tenant=task.tenant)
 
 
+class RunIdentity(NamedTuple):
+    """What the outbox needs to know of a run besides its events."""
+
+    tenant: str
+    workflow: str
+    parent: dict[str, Any] | None  # the subworkflow node a child run reports to
+
+
+def child_result(
+    parent: dict[str, Any], tenant: str, child_run_id: str, status: str, outputs: Any, reason: str | None
+) -> Envelope:
+    """A finished child run's outcome, as the result of its parent's subworkflow attempt."""
+    common = {"node_id": parent["node_id"], "attempt_id": parent["attempt_id"]}
+    if status == "completed":
+        kind, payload = "NodeSucceeded", {**common, "output": outputs}
+    else:
+        error_class = "ChildRunFailed" if status == "failed" else "ChildRunCancelled"
+        message = f"child run {child_run_id} {status}: {reason}"
+        kind, payload = "NodeFailed", {**common, "error_class": error_class, "message": message}
+    return Envelope.new(kind, parent["run_id"], payload, id=f"{parent['attempt_id']}:result", tenant=tenant)
+
+
 class Engine:
     def __init__(
         self, settings: EngineSettings, executors: ExecutorRegistry, clock: Clock | None = None
@@ -138,7 +160,7 @@ class Engine:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citadel-store")
         self._decide_queue: asyncio.Queue[tuple[Any, Any]] = asyncio.Queue(settings.decide_queue)
         self._outbox_wake = asyncio.Event()
-        self._runs: OrderedDict[str, tuple[str, str]] = OrderedDict()  # run id -> (tenant, workflow)
+        self._runs: OrderedDict[str, RunIdentity] = OrderedDict()
         self._log_attempts: set[str] = set()
         self._partitioner = DefaultPartitioner()
         self._handoff: deque[tuple[int, str, Any]] = deque(maxlen=100_000)
@@ -302,10 +324,30 @@ class Engine:
             self._outbox_wake.set()
             for verdict in verdicts:
                 if verdict.outcome == REJECTED:
-                    await self.dead_letter(COMMANDS, _Raw(verdict.command), verdict.reason)
+                    await self._rejected(verdict.command, verdict.reason)
         for stream, event in batch:
             if stream is not None:
                 await stream.ack(event)
+
+    async def _rejected(self, command: Envelope, reason: str) -> None:
+        await self.dead_letter(COMMANDS, _Raw(command), reason)
+        parent = command.payload.get("parent") if command.type == "StartRun" else None
+        if isinstance(parent, dict):
+            # A child that cannot start (workflow not deployed, bad input) fails its parent's node,
+            # which would otherwise wait for it for ever. Sent before the command is acked.
+            failure = Envelope.new(
+                "NodeFailed",
+                parent["run_id"],
+                {
+                    "node_id": parent["node_id"],
+                    "attempt_id": parent["attempt_id"],
+                    "error_class": "ChildRunRejected",
+                    "message": reason,
+                },
+                id=f"{parent['attempt_id']}:result",
+                tenant=command.tenant,
+            )
+            await self.submit(failure)
 
     # ---- publish (outbox) ------------------------------------------------
 
@@ -366,10 +408,10 @@ class Engine:
                 item if not isinstance(item, Notification) else self.store.mapper.to_domain_event(item)
             )
             run_id = str(domain_event.originator_id)
-            tenant, workflow = await self._run_identity(run_id, domain_event)
-            envelope = event_envelope(domain_event, tenant)
+            identity = await self._run_identity(run_id, domain_event)
+            envelope = event_envelope(domain_event, identity.tenant)
             deliveries.append(await self._send(self._topic(RUN_EVENTS), run_id, encode(envelope)))
-            deliveries.extend(await self._follow_up(envelope, workflow))
+            deliveries.extend(await self._follow_up(envelope, identity))
             if envelope.type == "Started":
                 ledger.started.append(run_id)
             elif envelope.type in TERMINAL_EVENTS:
@@ -399,9 +441,23 @@ class Engine:
             expected += 1
         return batch
 
-    async def _follow_up(self, envelope: Envelope, workflow: str) -> list[asyncio.Future[Any]]:
-        """What a committed event sets in motion: a node task, a timer, a log line."""
+    async def _follow_up(self, envelope: Envelope, identity: RunIdentity) -> list[asyncio.Future[Any]]:
+        """What a committed event sets in motion: a node task, a timer, a log line, a child run."""
         payload = envelope.payload
+        workflow = identity.workflow
+        if envelope.type in RUN_COMMANDS:
+            command = RUN_COMMANDS[envelope.type](envelope)
+            return [await self._send(self._topic(COMMANDS), command.run_id, encode(command))]
+        if envelope.type in TERMINAL_EVENTS and identity.parent is not None:
+            command = child_result(
+                identity.parent,
+                envelope.tenant,
+                envelope.run_id,
+                TERMINAL_EVENTS[envelope.type],
+                payload.get("outputs"),
+                payload.get("reason"),
+            )
+            return [await self._send(self._topic(COMMANDS), command.run_id, encode(command))]
         if envelope.type == "NodeScheduled":
             if not payload["inline"]:
                 task = task_from_event(envelope.run_id, envelope.tenant, workflow, payload)
@@ -433,15 +489,17 @@ class Engine:
             )
         return []
 
-    async def _run_identity(self, run_id: str, domain_event: Any) -> tuple[str, str]:
+    async def _run_identity(self, run_id: str, domain_event: Any) -> RunIdentity:
         if type(domain_event).__name__ == "Started":
-            identity = (domain_event.tenant, domain_event.workflow)
+            identity = RunIdentity(
+                domain_event.tenant, domain_event.workflow, getattr(domain_event, "parent", None)
+            )
         elif run_id in self._runs:
             return self._runs[run_id]
         else:
             assert self.store is not None
             run = await self._in_store(self.store.run, run_id)
-            identity = (run.tenant, run.workflow)
+            identity = RunIdentity(run.tenant, run.workflow, run.parent)
         self._runs[run_id] = identity
         while len(self._runs) > 100_000:
             self._runs.popitem(last=False)
@@ -563,6 +621,10 @@ class Engine:
                 )
             for timer_id, timer in run.timers.items():
                 self.timers.arm(timer_id, run.run_id, run.tenant, dt.datetime.fromisoformat(timer["due_at"]))
+            for request in run.waiting_children():
+                # The child's start, or its result, may have been lost with an embedded broker.
+                command = await self._in_store(_child_progress, self.store, run, request)
+                deliveries.append(await self._send(self._topic(COMMANDS), command.run_id, encode(command)))
         await asyncio.gather(*deliveries)
         if runs:
             log.info(
@@ -571,6 +633,41 @@ class Engine:
                 len(deliveries),
                 len(self.timers),
             )
+
+
+def start_child(run_id: str, tenant: str, request: dict[str, Any]) -> Envelope:
+    """The StartRun of the child a subworkflow attempt asked for (a ChildRunRequested payload)."""
+    parent = {"run_id": run_id, "node_id": request["node_id"], "attempt_id": request["attempt_id"]}
+    return Envelope.new(
+        "StartRun",
+        request["child_run_id"],
+        {
+            "workflow": request["workflow"],
+            "workflow_version": request["version"],
+            "input": request["input"],
+            "parent": parent,
+        },
+        id=f"{request['attempt_id']}:child",
+        tenant=tenant,
+    )
+
+
+def _cancel_child(envelope: Envelope) -> Envelope:
+    payload = envelope.payload
+    return Envelope.new(
+        "CancelRun",
+        payload["child_run_id"],
+        {"reason": f"parent run {envelope.run_id} ended: {payload['reason']}"},
+        id=f"{payload['child_run_id']}:cancelled-by-parent",
+        tenant=envelope.tenant,
+    )
+
+
+# Events whose follow-up is a command to another run (their ids make a republished copy a no-op).
+RUN_COMMANDS: dict[str, Callable[[Envelope], Envelope]] = {
+    "ChildRunRequested": lambda envelope: start_child(envelope.run_id, envelope.tenant, envelope.payload),
+    "ChildCancelRequested": _cancel_child,
+}
 
 
 class _LedgerWriter:
@@ -611,9 +708,21 @@ def _load_runs(store: RunStore, run_ids: list[str]) -> list[Run]:
             run = store.run(run_id)
         except KeyError:
             continue
-        if run.status == "running":
+        if run.status in ACTIVE_RUN:
             runs.append(run)
     return runs
+
+
+def _child_progress(store: RunStore, parent: Run, request: dict[str, Any]) -> Envelope:
+    """What a waiting subworkflow node needs: its child's result if it finished, else its start."""
+    try:
+        child = store.run(request["child_run_id"])
+    except KeyError:
+        return start_child(parent.run_id, parent.tenant, request)
+    if child.status in ACTIVE_RUN:
+        return start_child(parent.run_id, parent.tenant, request)  # a duplicate: changes nothing
+    assert child.parent is not None
+    return child_result(child.parent, child.tenant, child.run_id, child.status, child.outputs, child.error)
 
 
 def _is_text(value: bytes) -> bool:

@@ -114,7 +114,9 @@ def test_transform_items_are_decided_at_once_even_for_a_long_list_one_at_a_time(
 
 def test_a_map_node_is_an_ordinary_node_to_its_dependents(run: RunUnderTest) -> None:
     run.given(
-        run.start(workflow(python("src"), fan_out(), transform("total", "size(m)", "m"), outputs={"n": "total"}))
+        run.start(
+            workflow(python("src"), fan_out(), transform("total", "size(m)", "m"), outputs={"n": "total"})
+        )
     )
     run.given(run.succeeded("src", {"values": [5]}))
     assert run.when(run.succeeded("m[0]", 50))[-1] == "Completed"
