@@ -188,3 +188,23 @@ async def test_a_failing_node_routes_to_its_error_handler_through_the_broker(eng
     # The handler sees the executor's message: the exception's text, then the node's traceback.
     assert report.outputs["result"].startswith("refunded: card declined\n")
     assert report.nodes["ship"].status == "skipped"
+
+
+async def test_saga_prices_every_item_in_order_and_ships(engine: Engine) -> None:
+    report = await run_to_end(engine, example("saga.yaml"), {"items": ["ab", "cde", "f", "ghij"]})
+    assert report.status == "completed", report.error
+    assert report.outputs == {"total_cents": 1000, "tracking": "TRK-1"}
+    prices = next(e for e in report.events if e.type == "NodeSucceeded" and e.payload["node_id"] == "prices")
+    assert [line["line"] for line in prices.payload["output"]] == [1, 2, 3, 4]
+
+
+async def test_saga_undoes_the_charge_then_the_reservation_when_shipping_fails(engine: Engine) -> None:
+    report = await run_to_end(engine, example("saga.yaml"), {"items": ["ab"], "fail_shipping": True})
+    assert report.status == "failed"
+    assert "no carrier accepts the parcel" in (report.error or "")
+    undone = [
+        e.payload["output"]
+        for e in report.events
+        if e.type == "NodeSucceeded" and e.payload["node_id"].endswith(".compensate")
+    ]
+    assert undone == [{"refunded": "pay-1"}, "released res-ab"]
