@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aggregates.run import COMPENSATE
 from schemas.envelope import Envelope
 from streams.kafka import KafkaSettings
 from streams.watch import watch_run
@@ -45,7 +46,10 @@ class RunReport:
             for node in p["definition"]["nodes"]:
                 self.nodes[node["id"]] = NodeSummary(node["id"])
             return
-        node = self.nodes.get(p.get("node_id", ""))
+        node_id = p.get("node_id") or ""
+        if event.type == "NodeScheduled" and node_id.endswith(COMPENSATE):
+            self.nodes.setdefault(node_id, NodeSummary(node_id))  # shown; a map's items are not
+        node = self.nodes.get(node_id)
         if event.type == "NodeScheduled" and node:
             node.status, node.attempts = "running", p["attempt"]
             node.first_scheduled = node.first_scheduled or event.time
