@@ -82,8 +82,10 @@ class Run(Aggregate):
         tenant: str,
         command_id: str,
         parent: dict[str, Any] | None = None,
+        rerun_of: dict[str, Any] | None = None,
     ) -> None:
         self.run_id = run_id
+        self.rerun_of = rerun_of  # {run_id, from_node} of the run this one reruns
         self.parent = parent  # {run_id, node_id, attempt_id} of the subworkflow node that started it
         self.digest = digest
         self.workflow = workflow
@@ -118,7 +120,10 @@ class Run(Aggregate):
         command_id: str,
         now: dt.datetime,
         parent: dict[str, Any] | None = None,
+        rerun_of: dict[str, Any] | None = None,
+        reused: dict[str, dict[str, Any]] | None = None,
     ) -> Run:
+        """A new run; a rerun takes `reused` ({node: {status, output}}) from the run it reruns."""
         run = cls(
             run_id=run_id,
             workflow=definition.name,
@@ -129,7 +134,12 @@ class Run(Aggregate):
             tenant=tenant,
             command_id=command_id,
             parent=parent,
+            rerun_of=rerun_of,
         )
+        for node_id, reuse in (reused or {}).items():
+            run._node_reused(
+                node_id=node_id, status=reuse["status"], output=reuse.get("output"), command_id=command_id
+            )
         run.advance(command_id, now)
         return run
 
@@ -814,6 +824,12 @@ class Run(Aggregate):
         self.status = COMPENSATING
         self.compensation = {"reason": reason, "node_id": node_id, "steps": steps}
         self.timers.clear()
+        self.applied[command_id] = 1
+
+    @event("NodeReused")
+    def _node_reused(self, node_id: str, status: str, output: Any, command_id: str) -> None:
+        # Done in the run this one reruns: its output is taken as it was, and it is not compensated.
+        self.nodes[node_id].update(status=status, output=output)
         self.applied[command_id] = 1
 
     @event("NodeRecovered")

@@ -23,7 +23,7 @@ from eventsourcing.persistence import IntegrityError, Recording
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
-from aggregates.run import Rejected, Run, run_uuid
+from aggregates.run import DONE_NODE, Rejected, Run, run_uuid
 from aggregates.workflow import VersionConflict, Workflow, workflow_id
 from schemas.definition import DefinitionInvalid, WorkflowDefinition, parse_definition
 from schemas.envelope import (
@@ -33,6 +33,7 @@ from schemas.envelope import (
     EnvelopeError,
     NodeFailed,
     NodeSucceeded,
+    RerunOf,
     Signal,
     StartRun,
     TimerFired,
@@ -186,8 +187,22 @@ class RunStore(Application[uuid.UUID]):
         if isinstance(payload, StartRun):
             if self._get(key, touched) is not None:
                 return DUPLICATE
-            definition = self._definition_for(payload, touched)
             parent = payload.parent.model_dump() if payload.parent is not None else None
+            if payload.rerun is not None:
+                definition, run_input, reused = self._rerun_plan(payload.rerun, command.tenant, touched)
+                touched[key] = Run.start(
+                    command.run_id,
+                    definition,
+                    run_input,
+                    command.tenant,
+                    command.id,
+                    now,
+                    parent,
+                    rerun_of={"run_id": payload.rerun.run_id, "from_node": payload.rerun.from_node},
+                    reused=reused,
+                )
+                return APPLIED
+            definition = self._definition_for(payload, touched)
             touched[key] = Run.start(
                 command.run_id, definition, payload.input, command.tenant, command.id, now, parent
             )
@@ -232,6 +247,39 @@ class RunStore(Application[uuid.UUID]):
             raise Rejected(exc.args[0]) from None
         _check_input(definition, payload.input)
         return definition
+
+    def _rerun_plan(
+        self, rerun: RerunOf, tenant: str, touched: dict[uuid.UUID, Run | Workflow]
+    ) -> tuple[WorkflowDefinition, dict[str, Any], dict[str, dict[str, Any]]]:
+        """The definition, input and reused node outputs of a rerun from `rerun.from_node`."""
+        original = self._get(run_uuid(rerun.run_id), touched)
+        if not isinstance(original, Run) or original.tenant != tenant:
+            raise Rejected(f"no run {rerun.run_id} to rerun")
+        if rerun.definition == "original":
+            definition = original.spec
+        else:
+            workflow = self._get(workflow_id(original.workflow), touched)
+            if not isinstance(workflow, Workflow):
+                raise Rejected(
+                    f"workflow {original.workflow!r} is not deployed, so it has no current version"
+                )
+            definition = workflow.definition()
+        if rerun.from_node not in {n.id for n in definition.nodes}:
+            raise Rejected(
+                f"workflow {definition.name!r} version {definition.version} has no node {rerun.from_node!r}"
+            )
+        upstream = sorted(definition.upstream(rerun.from_node))
+        unfinished = [n for n in upstream if original.nodes.get(n, {}).get("status") not in DONE_NODE]
+        if unfinished:
+            raise Rejected(
+                f"cannot rerun run {rerun.run_id} from {rerun.from_node!r}: upstream node(s) "
+                f"{', '.join(repr(n) for n in unfinished)} did not finish in it"
+            )
+        reused = {
+            n: {"status": original.nodes[n]["status"], "output": original.nodes[n].get("output")}
+            for n in upstream
+        }
+        return definition, original.input, reused
 
     def deploy(self, definition: WorkflowDefinition) -> bool:
         """Deploy a definition version outside of a run (CLI, gateway)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -132,8 +132,18 @@ class ParentNode(BaseModel):
     attempt_id: str
 
 
+class RerunOf(BaseModel):
+    """Start as a rerun of an earlier run: reuse the outputs of the nodes upstream of `from_node`
+    and execute from it on, with the original run's definition or the workflow's latest."""
+
+    model_config = ConfigDict(extra="forbid")
+    run_id: str
+    from_node: str
+    definition: Literal["original", "current"] = "original"
+
+
 class StartRun(BaseModel):
-    """Start a run of a workflow: either an inline definition document, or a deployed name."""
+    """Start a run of a workflow: an inline definition document, a deployed name, or a rerun."""
 
     model_config = ConfigDict(extra="forbid")
     definition: dict[str, Any] | None = None
@@ -141,6 +151,7 @@ class StartRun(BaseModel):
     workflow_version: int | None = None
     input: dict[str, Any] = Field(default_factory=dict)
     parent: ParentNode | None = None
+    rerun: RerunOf | None = None
 
 
 class AttemptStarted(BaseModel):
