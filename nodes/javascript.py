@@ -191,7 +191,9 @@ class JavaScriptExecutor:
         if self._pool is not None:
             return
         # V8 initialises once per process; doing it here keeps the first attempts from racing it.
-        await asyncio.to_thread(init_mini_racer, ignore_duplicate_init=True)
+        # On the calling thread: initialised from a helper thread, V8 crashed (SIGSEGV) as soon as
+        # two isolates ran at once (mini-racer 0.14, seen on AMD EPYC).
+        init_mini_racer(ignore_duplicate_init=True)
         self._v8_loop = asyncio.new_event_loop()
         self._v8_thread = threading.Thread(
             target=self._v8_loop.run_forever, name="citadel-javascript-v8", daemon=True
