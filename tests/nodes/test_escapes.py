@@ -300,7 +300,7 @@ async def test_c_stack_overflow_past_a_raised_recursion_limit_is_a_crash(engine:
                 nested = [nested]
             return len(repr(nested))
         """
-    outcome = await run(engine, code, timeout_seconds=2.0)
+    outcome = await run(engine, code, timeout_seconds=10.0)
 
     assert outcome.error_class == "Crashed"
     assert outcome.error_message == "the process of node 'attacker' was killed by SIGSEGV"
