@@ -344,9 +344,7 @@ class Run(Aggregate):
                 timer_id=None,
                 command_id=command_id,
             )
-            self._fail_attempt(
-                node, self.nodes[node.id], EXPRESSION_ERROR, f"when: {exc}", 0.0, "", "", command_id, now
-            )
+            self._expression_failed(node, f"when: {exc}", command_id, now)
             return False
         if not value:
             self._node_skipped(node_id=node.id, reason=f"when is false: {node.when}", command_id=command_id)
@@ -377,9 +375,8 @@ class Run(Aggregate):
             timer_id=timer_id,
             command_id=command_id,
         )
-        state = self._state(node.id)
         if error is not None:
-            self._fail_attempt(node, state, EXPRESSION_ERROR, error, 0.0, "", "", command_id, now)
+            self._expression_failed(node, error, command_id, now)
             return
         if not inline:
             return
@@ -390,7 +387,7 @@ class Run(Aggregate):
         try:
             output = _evaluate_inline(node, context)
         except ExpressionError as exc:
-            self._fail_attempt(node, state, EXPRESSION_ERROR, str(exc), 0.0, "", "", command_id, now)
+            self._expression_failed(node, str(exc), command_id, now)
             return
         self._node_succeeded(
             node_id=node.id,
@@ -413,17 +410,7 @@ class Run(Aggregate):
                 if not isinstance(items, list):
                     raise ExpressionError(f"items must be a list, got {type(items).__name__}")
             except ExpressionError as exc:
-                self._fail_attempt(
-                    node,
-                    self.nodes[node.id],
-                    EXPRESSION_ERROR,
-                    f"config.items: {exc}",
-                    0.0,
-                    "",
-                    "",
-                    command_id,
-                    now,
-                )
+                self._expression_failed(node, f"config.items: {exc}", command_id, now)
                 return
             self._map_started(node_id=node.id, attempt_id=attempt_id, items=items, command_id=command_id)
             self._map_fill(node, command_id, now)
@@ -432,17 +419,7 @@ class Run(Aggregate):
             try:
                 child_input = evaluate_mapping(config.inputs, context)
             except ExpressionError as exc:
-                self._fail_attempt(
-                    node,
-                    self.nodes[node.id],
-                    EXPRESSION_ERROR,
-                    f"config.inputs.{exc}",
-                    0.0,
-                    "",
-                    "",
-                    command_id,
-                    now,
-                )
+                self._expression_failed(node, f"config.inputs.{exc}", command_id, now)
                 return
             self._child_run_requested(
                 node_id=node.id,
@@ -461,10 +438,7 @@ class Run(Aggregate):
                 try:
                     due = _as_time(evaluate(config.until, context))
                 except ExpressionError as exc:
-                    state = self.nodes[node.id]
-                    self._fail_attempt(
-                        node, state, EXPRESSION_ERROR, f"config.until: {exc}", 0.0, "", "", command_id, now
-                    )
+                    self._expression_failed(node, f"config.until: {exc}", command_id, now)
                     return
             self._wait_scheduled(
                 node_id=node.id,
@@ -481,6 +455,12 @@ class Run(Aggregate):
             timer_id=timer_id if expires is not None else None,
             due_at=(now + dt.timedelta(seconds=expires)).isoformat() if expires is not None else None,
             command_id=command_id,
+        )
+
+    def _expression_failed(self, node: Node, message: str, command_id: str, now: dt.datetime) -> None:
+        """An expression of the node failed: deterministic, so the attempt fails without retry."""
+        self._fail_attempt(
+            node, self._state(node.id), EXPRESSION_ERROR, message, 0.0, "", "", command_id, now
         )
 
     def _fail_attempt(
