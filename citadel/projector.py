@@ -55,6 +55,7 @@ async def running_projector(
     try:
         await app.start()
         yield RunningProjector(projector, connection, app)
+        await projector.drain()
     finally:
         with contextlib.suppress(Exception):  # a half-started Faust app may fail to stop
             await app.stop()

@@ -152,5 +152,25 @@ class Projector:
         except Exception:  # no consumer yet, or mid-rebalance: keep the last figures
             log.debug("highwaters unavailable", exc_info=True)
 
+    async def drain(self, timeout: float = 10.0, settle: float = 0.3) -> bool:
+        """Wait until every assigned partition is projected to its end and stays so for `settle`
+        seconds (a clean stop leaves nothing published unprojected); False after `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        settled_since: float | None = None
+        while loop.time() < deadline:
+            self._update_highwaters()
+            metrics = self.metrics
+            caught_up = all(metrics.positions.get(tp, 0) >= hw for tp, hw in metrics.highwaters.items())
+            if not caught_up:
+                settled_since = None
+            elif settled_since is None:
+                settled_since = loop.time()
+            elif loop.time() - settled_since >= settle:
+                return True
+            await asyncio.sleep(0.05)
+        log.warning("the projector stopped %d messages behind", self.metrics.lag_messages)
+        return False
+
     def close(self) -> None:
         self._io.shutdown(wait=True)
