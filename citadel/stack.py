@@ -39,12 +39,15 @@ def kafka_settings(settings: Settings, bootstrap: str) -> KafkaSettings:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    settings: Settings, keep_broker: bool = False, project: bool = True
+    settings: Settings, keep_broker: bool = False, project: bool | None = None
 ) -> AsyncIterator[Stack]:
     """Start everything; with `keep_broker`, the embedded broker outlives a crash of this process.
 
-    With `project`, the projector runs here too (in embedded mode it must: chDB's data
-    directory belongs to one process)."""
+    The projector runs here too unless `project` is False. By default it does in embedded mode
+    (chDB's data directory belongs to this one process) and, in production, when
+    CITADEL_CLICKHOUSE names the server to project into."""
+    if project is None:
+        project = settings.embedded or settings.clickhouse is not None
     settings.home.mkdir(parents=True, exist_ok=True)
     broker = None
     if settings.embedded:
