@@ -334,14 +334,15 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
             await stack_cm.__aexit__(None, None, None)
 
 
-BENCHMARKS = ("chain40", "throughput", "sandbox")
+BENCHMARKS = ("chain40", "throughput", "sandbox", "replay", "timetravel", "lag")
 
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="chain40, throughput or sandbox (see BENCHMARKS.md)")],
-    runs: Annotated[int, typer.Option(help="throughput: how many runs to start")] = 10_000,
+    name: Annotated[str, typer.Argument(help=f"one of {', '.join(BENCHMARKS)} (see BENCHMARKS.md)")],
+    runs: Annotated[int, typer.Option(help="throughput, lag: how many runs to start")] = 10_000,
     repeats: Annotated[int, typer.Option(help="chain40: how many timed runs")] = 5,
+    events: Annotated[int, typer.Option(help="replay: events in the store; timetravel: in the run")] = 0,
 ) -> None:
     """Run a benchmark on the embedded stack; print a table and write bench/results/NAME.json."""
     from bench import workloads
@@ -356,6 +357,8 @@ def bench(
     elif name == "sandbox":
         with err.status("sandbox: 1,000 sandboxed python attempts, then in-process…"):
             result = asyncio.run(workloads.sandbox())
+    elif name in ("replay", "timetravel", "lag"):
+        result = _projection_bench(name, runs, events)
     else:
         progress = _progress()
         with progress:
@@ -371,6 +374,28 @@ def bench(
     for key, value in _flatten(result["figures"]):
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     out.print(table)
+
+
+def _projection_bench(name: str, runs: int, events: int) -> dict[str, Any]:
+    from bench import projections
+
+    if name == "timetravel":
+        with err.status(f"timetravel: a run of {events or 10_000:,} events at random versions…"):
+            return projections.timetravel(events=events or 10_000)
+    progress = _progress()
+    with progress:
+        bar = progress.add_task(name, total=None)
+        if name == "replay":
+
+            def step(what: str, done: int, total: int) -> None:
+                progress.update(bar, description=f"replay: {what}", completed=done, total=total)
+
+            return projections.replay(events=events or 1_000_000, progress=step)
+        return asyncio.run(
+            projections.lag(
+                runs=runs, progress=lambda done, total: progress.update(bar, completed=done, total=total)
+            )
+        )
 
 
 def _flatten(figures: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

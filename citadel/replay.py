@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,7 +10,7 @@ import orjson
 
 from aggregates.run import Rejected
 from aggregates.store import RunStore
-from schemas.envelope import Envelope
+from schemas.envelope import SCHEMA_VERSION, Envelope
 from streams.engine import event_envelope
 
 RUN_TOPIC = "aggregates.run:"
@@ -18,23 +19,50 @@ RUN_TOPIC = "aggregates.run:"
 def history(store: RunStore, page: int = 10_000) -> Iterator[Envelope]:
     """Every run event in the store, in commit order, as it was published on `citadel.run-events`."""
     tenants: dict[str, str] = {}
+    plain = store.mapper.cipher is None and store.mapper.compressor is None
     position = 1
     while True:
         notifications = store.recorder.select_notifications(position, page)
         if not notifications:
             return
         for notification in notifications:
-            if not notification.topic.startswith(RUN_TOPIC):
+            topic = notification.topic
+            if not topic.startswith(RUN_TOPIC):
                 continue
-            domain_event: Any = store.mapper.to_domain_event(notification)
-            run_id = str(domain_event.originator_id)
-            if type(domain_event).__name__ == "Started":
-                tenants[run_id] = domain_event.tenant
+            run_id = str(notification.originator_id)
+            state = notification.state
+            # The event's only transcoded value is its timestamp: read the JSON as it is, which
+            # costs a fifth of rebuilding the domain event. Anything else goes the long way.
+            if plain and state.count(b'"_type_"') == 1:
+                envelope = _plain_envelope(notification, run_id, tenants)
+            else:
+                envelope = event_envelope(store.mapper.to_domain_event(notification), "")
             tenant = tenants.get(run_id)
             if tenant is None:  # a history that begins after this run started: ask the run
                 tenant = tenants[run_id] = store.run(run_id).tenant
-            yield event_envelope(domain_event, tenant)
+            yield envelope.model_copy(update={"tenant": tenant}) if envelope.tenant != tenant else envelope
         position = notifications[-1].id + 1
+
+
+def _plain_envelope(notification: Any, run_id: str, tenants: dict[str, str]) -> Envelope:
+    """What `event_envelope` makes of the event, straight from its stored JSON."""
+    payload = orjson.loads(notification.state)
+    time = dt.datetime.fromisoformat(payload.pop("timestamp")["_data_"])
+    payload.pop("originator_topic", None)
+    kind = notification.topic.rsplit(".", 1)[1]
+    if kind == "Started":
+        tenants[run_id] = payload["tenant"]
+    version = notification.originator_version
+    return Envelope.model_construct(
+        id=f"{run_id}:{version}",
+        type=kind,
+        run_id=run_id,
+        tenant=tenants.get(run_id, ""),
+        time=time,
+        schema_version=SCHEMA_VERSION,
+        payload=payload,
+        version=version,
+    )
 
 
 def event_count(store: RunStore) -> int:
