@@ -161,7 +161,10 @@ class Projector:
         while loop.time() < deadline:
             self._update_highwaters()
             metrics = self.metrics
-            caught_up = all(metrics.positions.get(tp, 0) >= hw for tp, hw in metrics.highwaters.items())
+            # No partitions yet (the group is still joining) is not caught up.
+            caught_up = bool(metrics.highwaters) and all(
+                metrics.positions.get(tp, 0) >= hw for tp, hw in metrics.highwaters.items()
+            )
             if not caught_up:
                 settled_since = None
             elif settled_since is None:
