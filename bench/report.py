@@ -22,6 +22,8 @@ PACKAGES = (
     "pydantic",
     "orjson",
     "common-expression-language",
+    "chdb",
+    "clickhouse-connect",
 )
 
 
@@ -59,6 +61,8 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        # The machine is shared: how busy it was when the benchmark finished.
+        "load_average_1m": os.getloadavg()[0],
         "memory_gb": round(memory_kb / 1024 / 1024, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),

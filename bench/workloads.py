@@ -17,7 +17,7 @@ import orjson
 from bench.report import summary, write
 from citadel.runs import follow, start_command
 from citadel.settings import Settings
-from citadel.stack import running_stack
+from citadel.stack import Stack, running_stack
 from schemas.definition import parse_definition
 from streams.kafka import RUN_EVENTS
 from streams.watch import topic_reader
@@ -149,13 +149,18 @@ def _tree_rss_kb(root: int) -> int:
 
 
 async def throughput(
-    runs: int = 10_000, progress: Callable[[int, int], None] | None = None
+    runs: int = 10_000,
+    progress: Callable[[int, int], None] | None = None,
+    observe: Callable[[Stack], None] | None = None,
 ) -> dict[str, Any]:
+    """With `observe`, it is called with the started stack (the `lag` benchmark watches its projector)."""
     definition = five_node_definition()
     peak_rss_kb = 0
     with tempfile.TemporaryDirectory(prefix="citadel-bench-") as home:
         settings = _settings(Path(home))
         async with running_stack(settings) as stack:
+            if observe is not None:
+                observe(stack)
             kafka = stack.kafka
             consumer = topic_reader(kafka, RUN_EVENTS)
             await consumer.start()

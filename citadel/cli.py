@@ -10,6 +10,7 @@ import os
 import shutil
 import signal as signals
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -333,14 +334,15 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
             await stack_cm.__aexit__(None, None, None)
 
 
-BENCHMARKS = ("chain40", "throughput", "sandbox")
+BENCHMARKS = ("chain40", "throughput", "sandbox", "replay", "timetravel", "lag")
 
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="chain40, throughput or sandbox (see BENCHMARKS.md)")],
-    runs: Annotated[int, typer.Option(help="throughput: how many runs to start")] = 10_000,
+    name: Annotated[str, typer.Argument(help=f"one of {', '.join(BENCHMARKS)} (see BENCHMARKS.md)")],
+    runs: Annotated[int, typer.Option(help="throughput, lag: how many runs to start")] = 10_000,
     repeats: Annotated[int, typer.Option(help="chain40: how many timed runs")] = 5,
+    events: Annotated[int, typer.Option(help="replay: events in the store; timetravel: in the run")] = 0,
 ) -> None:
     """Run a benchmark on the embedded stack; print a table and write bench/results/NAME.json."""
     from bench import workloads
@@ -355,6 +357,8 @@ def bench(
     elif name == "sandbox":
         with err.status("sandbox: 1,000 sandboxed python attempts, then in-process…"):
             result = asyncio.run(workloads.sandbox())
+    elif name in ("replay", "timetravel", "lag"):
+        result = _projection_bench(name, runs, events)
     else:
         progress = _progress()
         with progress:
@@ -370,6 +374,28 @@ def bench(
     for key, value in _flatten(result["figures"]):
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     out.print(table)
+
+
+def _projection_bench(name: str, runs: int, events: int) -> dict[str, Any]:
+    from bench import projections
+
+    if name == "timetravel":
+        with err.status(f"timetravel: a run of {events or 10_000:,} events at random versions…"):
+            return projections.timetravel(events=events or 10_000)
+    progress = _progress()
+    with progress:
+        bar = progress.add_task(name, total=None)
+        if name == "replay":
+
+            def step(what: str, done: int, total: int) -> None:
+                progress.update(bar, description=f"replay: {what}", completed=done, total=total)
+
+            return projections.replay(events=events or 1_000_000, progress=step)
+        return asyncio.run(
+            projections.lag(
+                runs=runs, progress=lambda done, total: progress.update(bar, completed=done, total=total)
+            )
+        )
 
 
 def _flatten(figures: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -389,6 +415,128 @@ def _redact(url: str) -> str:
     if parsed.password:
         return url.replace(f":{parsed.password}@", ":***@")
     return url
+
+
+# ---- replay and time travel ------------------------------------------------
+
+replay_app = typer.Typer(help="Rebuild what is derived from the event store.", no_args_is_help=True)
+runs_app = typer.Typer(help="Read runs from the event store: their history, their state at any version.")
+app.add_typer(replay_app, name="replay")
+app.add_typer(runs_app, name="runs", no_args_is_help=True)
+
+
+@replay_app.command("projections")
+def replay_projections(
+    batch: Annotated[int, typer.Option(help="events per ClickHouse write")] = 50_000,
+) -> None:
+    """Rebuild every ClickHouse projection from the event store's notification log.
+
+    Fresh tables are filled beside the live ones and swapped in atomically, so a dashboard
+    sees the old tables or the new ones, never a half-built one. In embedded mode chDB's data
+    directory belongs to one process: stop `citadel up` first.
+    """
+    from aggregates.store import RunStore
+    from citadel.projector import open_projections
+    from citadel.replay import event_count, history
+    from projections.clickhouse import ClickHouseUnavailable
+    from projections.rebuild import rebuild
+
+    settings = Settings.from_env()
+    _setup_logging(settings)
+    try:
+        connection = open_projections(settings)
+    except ClickHouseUnavailable as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(EXIT_INVALID) from None
+    store = RunStore(settings.event_store)
+    try:
+        started = time.perf_counter()
+        with _progress() as progress:
+            bar = progress.add_task("replaying run events", total=event_count(store) or None)
+            total = rebuild(
+                connection.client,
+                history(store),
+                batch_size=batch,
+                progress=lambda done: progress.update(bar, completed=done),
+            )
+        elapsed = time.perf_counter() - started
+    finally:
+        store.close()
+        connection.close()
+    rate = total / elapsed if elapsed else 0.0
+    out.print(
+        f"rebuilt the projections from {total:,} run events in {elapsed:.1f} s ({rate:,.0f} events/s); "
+        f"swapped in at {_redact(settings.clickhouse_url)}"
+    )
+
+
+@runs_app.command("history")
+def runs_history(
+    run_id: Annotated[str, typer.Argument(help="the run")],
+    json_output: Annotated[bool, typer.Option("--json", help="every event in full, as JSON lines")] = False,
+) -> None:
+    """Print a run's events, in order, one readable line each."""
+    from citadel.replay import describe, run_history
+
+    events = _with_store(lambda store: run_history(store, run_id))
+    if json_output:
+        for event in events:
+            sys.stdout.write(event.model_dump_json() + "\n")
+        return
+    table = Table(title=f"run {run_id} ({events[0].tenant})")
+    for column in ("version", "time", "event", "details"):
+        table.add_column(column)
+    for event in events:
+        when = event.time.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        table.add_row(str(event.version), when, event.type, describe(event))
+    out.print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="the run")],
+    at: Annotated[int | None, typer.Option("--at", min=1, help="the run's state at this version")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print the state as JSON")] = False,
+) -> None:
+    """Print a run's state: now, or as it was at any version of its history (time travel)."""
+    from citadel.replay import run_state
+
+    state = _with_store(lambda store: run_state(store, run_id, at))
+    if json_output:
+        sys.stdout.write(json.dumps(state, indent=2, default=str) + "\n")
+        return
+    out.print(
+        f"run {state['run_id']} ({state['tenant']}): workflow {state['workflow']} "
+        f"v{state['workflow_version']}, [bold]{state['status']}[/bold] at version {state['version']}"
+        + (f" of {state['latest_version']}" if state["version"] != state["latest_version"] else "")
+    )
+    table = Table()
+    for column in ("node", "status", "attempt", "error"):
+        table.add_column(column)
+    for node_id, node in state["nodes"].items():
+        error = f"{node['error_class']}: {node['error']}" if node.get("error_class") else ""
+        error = error.strip().split("\n", 1)[0]
+        table.add_row(node_id, node["status"], str(node["attempt"]), error)
+    out.print(table)
+    if state["error"]:
+        out.print(f"[red]{state['error']}[/red]")
+    if state["outputs"] is not None:
+        out.print("outputs:")
+        out.print_json(json.dumps(state["outputs"], default=str))
+
+
+def _with_store(read: Any) -> Any:
+    """Run `read(store)` on the configured event store; a missing run or version exits 2."""
+    from aggregates.store import RunStore
+
+    store = RunStore(Settings.from_env().event_store)
+    try:
+        return read(store)
+    except (KeyError, ValueError) as exc:
+        err.print(f"[red]{exc.args[0] if exc.args else exc}[/red]")
+        raise typer.Exit(EXIT_INVALID) from None
+    finally:
+        store.close()
 
 
 def main() -> None:

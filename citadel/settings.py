@@ -20,6 +20,18 @@ class Settings(BaseModel):
     secrets_dir: Path | None = Field(description="one file per secret (CITADEL_SECRETS_DIR); else env")
     allow_network: bool = Field(description="python nodes may ask for network (CITADEL_ALLOW_NETWORK)")
     log_level: str
+    clickhouse: str | None = Field(
+        default=None, description="ClickHouse server URL (CITADEL_CLICKHOUSE); chDB under home when unset"
+    )
+    audit_retention_days: int = Field(default=0, ge=0, description="0 keeps the audit table forever")
+    projector_group: str = Field(default="citadel-projector", description="consumer group of the projector")
+    projector_batch: int = Field(default=5000, ge=1, description="events per ClickHouse write, at most")
+    projector_batch_seconds: float = Field(default=0.2, gt=0, description="write a partial batch after this")
+
+    @property
+    def clickhouse_url(self) -> str:
+        """Where projections live: the configured server, or chDB in the embedded home."""
+        return self.clickhouse or f"chdb://{self.home / 'clickhouse'}"
 
     @property
     def embedded(self) -> bool:
@@ -28,6 +40,7 @@ class Settings(BaseModel):
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if environ is None else environ)
+        group = env.get("CITADEL_GROUP", "citadel")
         home = Path(env.get("CITADEL_HOME", ".citadel")).resolve()
         return cls(
             home=home,
@@ -36,9 +49,15 @@ class Settings(BaseModel):
             partitions=int(env.get("CITADEL_PARTITIONS", "8")),
             executor_concurrency=int(env.get("CITADEL_EXECUTOR_CONCURRENCY", str(8 * (os.cpu_count() or 2)))),
             snapshot_interval=int(env.get("CITADEL_SNAPSHOT_INTERVAL", "100")),
-            group=env.get("CITADEL_GROUP", "citadel"),
+            group=group,
             namespace=env.get("CITADEL_TOPIC_PREFIX", ""),
             secrets_dir=Path(env["CITADEL_SECRETS_DIR"]) if env.get("CITADEL_SECRETS_DIR") else None,
             allow_network=env.get("CITADEL_ALLOW_NETWORK", "").lower() in ("1", "true", "yes"),
             log_level=env.get("CITADEL_LOG_LEVEL", "WARNING"),
+            clickhouse=env.get("CITADEL_CLICKHOUSE") or None,
+            audit_retention_days=int(env.get("CITADEL_AUDIT_RETENTION_DAYS", "0")),
+            projector_group=env.get("CITADEL_PROJECTOR_GROUP")
+            or f"{env.get('CITADEL_GROUP', 'citadel')}-projector",
+            projector_batch=int(env.get("CITADEL_PROJECTOR_BATCH", "5000")),
+            projector_batch_seconds=float(env.get("CITADEL_PROJECTOR_BATCH_MS", "200")) / 1000,
         )

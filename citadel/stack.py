@@ -1,4 +1,4 @@
-"""Wiring: the embedded broker (when no Kafka is configured), the executors and the engine."""
+"""Wiring: the embedded broker (when no Kafka is configured), the executors, the engine, the projector."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from citadel.projector import RunningProjector, running_projector
 from citadel.settings import Settings
 from nodes.base import ExecutorRegistry
 from nodes.http import HttpExecutor
@@ -27,6 +28,7 @@ class Stack:
     kafka: KafkaSettings
     engine: Engine
     broker: EmbeddedBroker | None
+    projector: RunningProjector | None = None
 
 
 def kafka_settings(settings: Settings, bootstrap: str) -> KafkaSettings:
@@ -36,8 +38,16 @@ def kafka_settings(settings: Settings, bootstrap: str) -> KafkaSettings:
 
 
 @contextlib.asynccontextmanager
-async def running_stack(settings: Settings, keep_broker: bool = False) -> AsyncIterator[Stack]:
-    """Start everything; with `keep_broker`, the embedded broker outlives a crash of this process."""
+async def running_stack(
+    settings: Settings, keep_broker: bool = False, project: bool | None = None
+) -> AsyncIterator[Stack]:
+    """Start everything; with `keep_broker`, the embedded broker outlives a crash of this process.
+
+    The projector runs here too unless `project` is False. By default it does in embedded mode
+    (chDB's data directory belongs to this one process) and, in production, when
+    CITADEL_CLICKHOUSE names the server to project into."""
+    if project is None:
+        project = settings.embedded or settings.clickhouse is not None
     settings.home.mkdir(parents=True, exist_ok=True)
     broker = None
     if settings.embedded:
@@ -66,7 +76,11 @@ async def running_stack(settings: Settings, keep_broker: bool = False) -> AsyncI
     )
     try:
         await engine.start()
-        yield Stack(settings=settings, kafka=kafka, engine=engine, broker=broker)
+        async with contextlib.AsyncExitStack() as projecting:
+            projector = None
+            if project:
+                projector = await projecting.enter_async_context(running_projector(settings, kafka))
+            yield Stack(settings=settings, kafka=kafka, engine=engine, broker=broker, projector=projector)
     finally:
         await engine.stop()
         if broker is not None:

@@ -25,6 +25,13 @@ EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(scope="session")
+def chdb_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The session's chDB data directory: chDB opens one per process, so every test shares it
+    (each in a database of its own)."""
+    return f"chdb://{tmp_path_factory.mktemp('chdb')}/data"
+
+
+@pytest.fixture(scope="session")
 def bootstrap() -> Any:
     """The session's Kafka: a real cluster at CITADEL_KAFKA, else one embedded broker."""
     if os.environ.get("CITADEL_KAFKA"):
