@@ -61,7 +61,7 @@ def _fill(store: RunStore, events: int, progress: Progress | None) -> int:
     ]
     written = len(template)
     while written < events:
-        batch = []
+        batch: list[StoredEvent] = []
         while len(batch) < 20_000 and written + len(batch) < events:
             copies: dict[str, uuid.UUID] = {}
             for n in template:
