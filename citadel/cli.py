@@ -11,6 +11,7 @@ import shutil
 import signal as signals
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -523,6 +524,39 @@ def runs_show(
     if state["outputs"] is not None:
         out.print("outputs:")
         out.print_json(json.dumps(state["outputs"], default=str))
+
+
+@runs_app.command("rerun")
+def runs_rerun(
+    run_id: Annotated[str, typer.Argument(help="the run to rerun")],
+    from_node: Annotated[str, typer.Option("--from", help="the node to execute again, and all after it")],
+    definition: Annotated[
+        str, typer.Option(help="original: the run's own definition; current: the workflow's latest")
+    ] = "original",
+    tenant: Annotated[str, typer.Option(help="tenant the run belongs to")] = "default",
+    timeout: Annotated[float, typer.Option(help="give up waiting after this many seconds")] = 600.0,
+    json_output: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Start a new run, linked to RUN, that reuses the outputs of the nodes upstream of --from
+    and executes --from and everything after it; print it as `citadel run` does."""
+    if definition not in ("original", "current"):
+        err.print(f"[red]--definition must be original or current, not {definition!r}[/red]")
+        raise typer.Exit(EXIT_INVALID)
+    settings = Settings.from_env()
+    _setup_logging(settings)
+    rerun = {"run_id": run_id, "from_node": from_node, "definition": definition}
+    command = Envelope.new("StartRun", str(uuid.uuid4()), {"rerun": rerun}, tenant=tenant)
+    try:
+        report = asyncio.run(asyncio.wait_for(_run(settings, command), timeout))
+    except TimeoutError:
+        err.print(f"[red]run {command.run_id} did not finish within {timeout:g}s[/red]")
+        raise typer.Exit(EXIT_TIMEOUT) from None
+    except CommandRejected as exc:
+        err.print(f"[red]the engine rejected the rerun: {exc}[/red]")
+        raise typer.Exit(EXIT_INVALID) from None
+    _print_report(report, json_output)
+    if report.status != "completed":
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _with_store(read: Any) -> Any:

@@ -111,6 +111,16 @@ def describe(event: Envelope) -> str:
         parts.append(f"{p.get('error_class')}: {_first_line(p.get('message'))}")
     elif event.type == "Completed":
         parts.append(f"outputs {_json(p.get('outputs'))}")
+    elif event.type == "MapStarted":
+        parts.append(f"{len(p.get('items') or [])} item(s)")
+    elif event.type == "ChildRunRequested":
+        parts += [f"child run {p.get('child_run_id')}", f"workflow {p.get('workflow')}"]
+    elif event.type == "ChildCancelRequested":
+        parts.append(f"cancel child run {p.get('child_run_id')}")
+    elif event.type == "CompensationStarted":
+        parts += [str(p.get("reason", "")), "undo: " + ", ".join(p.get("steps") or [])]
+    elif event.type == "NodeReused":
+        parts.append(f"{p.get('status')}, output {_json(p.get('output'))}")
     return "; ".join(x for x in parts if x)
 
 

@@ -61,6 +61,8 @@ class RunReport:
             node.finished = event.time
         elif event.type == "NodeSkipped" and node:
             node.status = "skipped"
+        elif event.type == "NodeReused" and node:
+            node.status = "reused"
         elif event.type == "CompensationStarted":
             self.status = "compensating"
         elif event.type == "Completed":
@@ -70,7 +72,7 @@ class RunReport:
 
     @property
     def done(self) -> int:
-        return sum(1 for n in self.nodes.values() if n.status in ("succeeded", "skipped", "failed"))
+        return sum(1 for n in self.nodes.values() if n.status in ("succeeded", "skipped", "failed", "reused"))
 
 
 def start_command(

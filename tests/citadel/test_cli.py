@@ -154,3 +154,64 @@ def test_signal_rejects_a_payload_that_is_not_json(tmp_path: Path) -> None:
     result = citadel("signal", "r1", "review", "--payload", "{nope", cwd=tmp_path)
     assert result.returncode == 2
     assert "--payload is not JSON" in result.stderr
+
+
+def test_runs_rerun_reuses_upstream_outputs_and_executes_from_the_node_with_the_current_definition(
+    tmp_path: Path,
+) -> None:
+    def version(number: int, body: str) -> Path:
+        path = tmp_path / f"v{number}.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "rerunnable",
+                    "version": number,
+                    "nodes": [
+                        {
+                            "id": "draw",
+                            "type": "python",
+                            "config": {"code": "import random\ndef main():\n    return random.random()\n"},
+                        },
+                        {
+                            "id": "use",
+                            "type": "python",
+                            "needs": ["draw"],
+                            "config": {"inputs": {"x": "draw"}, "code": f"def main(x):\n    {body}\n"},
+                        },
+                    ],
+                    "outputs": {"drawn": "draw", "used": "use"},
+                }
+            )
+        )
+        return path
+
+    first = citadel("run", str(version(1, "raise ValueError('bug')")), "--json", cwd=tmp_path)
+    assert first.returncode == 1, first.stderr
+    original = json.loads(first.stdout)
+    assert citadel("run", str(version(2, "return x")), cwd=tmp_path).returncode == 0  # deploys v2
+
+    rerun = citadel(
+        "runs",
+        "rerun",
+        original["run_id"],
+        "--from",
+        "use",
+        "--definition",
+        "current",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout)
+    assert report["run_id"] != original["run_id"]
+    assert report["nodes"]["draw"]["status"] == "reused"
+    assert report["nodes"]["use"]["status"] == "succeeded"
+    assert report["outputs"]["drawn"] == report["outputs"]["used"]  # the original draw, not a new one
+    history = citadel("runs", "history", report["run_id"], "--json", cwd=tmp_path)
+    started = json.loads(history.stdout.splitlines()[0])
+    assert started["payload"]["rerun_of"] == {"run_id": original["run_id"], "from_node": "use"}
+    assert started["payload"]["workflow_version"] == 2
+
+    missing = citadel("runs", "rerun", original["run_id"], "--from", "nowhere", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "has no node 'nowhere'" in missing.stderr
