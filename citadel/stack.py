@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -19,7 +20,7 @@ from nodes.python import PythonExecutor
 from nodes.secrets import EnvironmentSecrets, FileSecrets, SecretStore
 from streams.broker import EmbeddedBroker
 from streams.engine import Engine, EngineSettings
-from streams.kafka import KafkaSettings
+from streams.kafka import KafkaSettings, ensure_topics
 
 
 @dataclass
@@ -75,11 +76,16 @@ async def running_stack(
         executors,
     )
     try:
-        await engine.start()
         async with contextlib.AsyncExitStack() as projecting:
-            projector = None
-            if project:
-                projector = await projecting.enter_async_context(running_projector(settings, kafka))
+            # Engine and projector start side by side: each waits for its consumer group to join.
+            await ensure_topics(kafka)
+            starting = asyncio.ensure_future(engine.start())
+            try:
+                projector = None
+                if project:
+                    projector = await projecting.enter_async_context(running_projector(settings, kafka))
+            finally:
+                await starting
             yield Stack(settings=settings, kafka=kafka, engine=engine, broker=broker, projector=projector)
     finally:
         await engine.stop()
