@@ -122,8 +122,9 @@ class RunStore(Application[uuid.UUID]):
             raise KeyError(f"no workflow {name!r} is deployed") from None
         return workflow
 
-    def run_events(self, run_id: str) -> list[Any]:
-        return list(self.events.get(run_uuid(run_id)))
+    def run_events(self, run_id: str, after: int | None = None) -> list[Any]:
+        """A run's events in order, or only those after version `after`."""
+        return list(self.events.get(run_uuid(run_id), gt=after))
 
     # ---- deciding --------------------------------------------------------
 

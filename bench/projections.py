@@ -17,7 +17,6 @@ from eventsourcing.persistence import StoredEvent
 from aggregates.store import RunStore
 from bench.report import summary, write
 from bench.workloads import _settings, five_node_definition, throughput
-from citadel.replay import history
 from citadel.runs import start_command
 from citadel.stack import Stack
 from projections.clickhouse import Connection
@@ -26,6 +25,7 @@ from projections.rebuild import fingerprint, rebuild
 from projections.schema import migrate
 from schemas.definition import parse_definition
 from schemas.envelope import Envelope
+from streams.history import history
 
 Progress = Callable[[str, int, int], None]
 

@@ -438,9 +438,9 @@ def replay_projections(
     """
     from aggregates.store import RunStore
     from citadel.projector import open_projections
-    from citadel.replay import event_count, history
     from projections.clickhouse import ClickHouseUnavailable
     from projections.rebuild import rebuild
+    from streams.history import event_count, history
 
     settings = Settings.from_env()
     _setup_logging(settings)
@@ -477,7 +477,7 @@ def runs_history(
     json_output: Annotated[bool, typer.Option("--json", help="every event in full, as JSON lines")] = False,
 ) -> None:
     """Print a run's events, in order, one readable line each."""
-    from citadel.replay import describe, run_history
+    from streams.history import describe, run_history
 
     events = _with_store(lambda store: run_history(store, run_id))
     if json_output:
@@ -500,7 +500,7 @@ def runs_show(
     json_output: Annotated[bool, typer.Option("--json", help="print the state as JSON")] = False,
 ) -> None:
     """Print a run's state: now, or as it was at any version of its history (time travel)."""
-    from citadel.replay import run_state
+    from streams.history import run_state
 
     state = _with_store(lambda store: run_state(store, run_id, at))
     if json_output:

@@ -27,6 +27,15 @@ class Settings(BaseModel):
     projector_group: str = Field(default="citadel-projector", description="consumer group of the projector")
     projector_batch: int = Field(default=5000, ge=1, description="events per ClickHouse write, at most")
     projector_batch_seconds: float = Field(default=0.2, gt=0, description="write a partial batch after this")
+    gateway_host: str = Field(default="127.0.0.1", description="where the gateway listens")
+    gateway_port: int = Field(default=8700, ge=0, le=65535, description="0: no gateway")
+    jwt_secret: str | None = Field(default=None, description="HS256 key of bearer tokens")
+    jwt_public_key: str | None = Field(default=None, description="RS256 public key (PEM) of bearer tokens")
+    jwt_issuer: str = "citadel"
+    jwt_audience: str = "citadel-gateway"
+    gateway_rate: float = Field(default=50.0, gt=0, description="requests a second per token, on average")
+    gateway_burst: int = Field(default=100, ge=1, description="requests a token may make at once")
+    gateway_max_request_bytes: int = Field(default=256 * 1024, ge=1024)
 
     @property
     def clickhouse_url(self) -> str:
@@ -60,4 +69,20 @@ class Settings(BaseModel):
             or f"{env.get('CITADEL_GROUP', 'citadel')}-projector",
             projector_batch=int(env.get("CITADEL_PROJECTOR_BATCH", "5000")),
             projector_batch_seconds=float(env.get("CITADEL_PROJECTOR_BATCH_MS", "200")) / 1000,
+            gateway_host=env.get("CITADEL_GATEWAY_HOST", "127.0.0.1"),
+            gateway_port=int(env.get("CITADEL_GATEWAY_PORT", "8700")),
+            jwt_secret=env.get("CITADEL_JWT_SECRET") or None,
+            jwt_public_key=_pem(env.get("CITADEL_JWT_PUBLIC_KEY")),
+            jwt_issuer=env.get("CITADEL_JWT_ISSUER", "citadel"),
+            jwt_audience=env.get("CITADEL_JWT_AUDIENCE", "citadel-gateway"),
+            gateway_rate=float(env.get("CITADEL_GATEWAY_RATE", "50")),
+            gateway_burst=int(env.get("CITADEL_GATEWAY_BURST", "100")),
+            gateway_max_request_bytes=int(env.get("CITADEL_GATEWAY_MAX_REQUEST_BYTES", str(256 * 1024))),
         )
+
+
+def _pem(value: str | None) -> str | None:
+    """A PEM given inline, or the path of a file holding it."""
+    if not value:
+        return None
+    return value if value.lstrip().startswith("-----BEGIN") else Path(value).read_text()

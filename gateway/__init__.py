@@ -1,1 +1,1 @@
-"""GraphQL gateway (issue 5)."""
+"""The GraphQL gateway: queries, mutations and live subscriptions over FastAPI, with JWT auth and tenants."""

@@ -80,6 +80,17 @@ RUNS_BY_STATUS = f"""
       AND started_at < {{until:DateTime64(6, 'UTC')}}
     GROUP BY status ORDER BY status"""
 
+# A page of runs, newest first, after the cursor (started_at, run_id) of the previous page.
+RUNS_PAGE = f"""
+    SELECT run_id, workflow, workflow_version, status, started_at, finished_at, duration_ms, error
+    FROM {RUNS} FINAL
+    WHERE tenant = {{tenant:String}}
+      AND (empty({{workflows:Array(String)}}) OR has({{workflows:Array(String)}}, workflow))
+      AND ({{status:String}} = '' OR status = {{status:String}})
+      AND started_at >= {{since:DateTime64(6, 'UTC')}}
+      AND (started_at, run_id) < ({{before_time:DateTime64(6, 'UTC')}}, {{before_run:String}})
+    ORDER BY started_at DESC, run_id DESC LIMIT {{limit:UInt32}}"""
+
 RUN_TIMELINE = f"""
     SELECT version, time, type, node_id, node_type, attempt, duration_ms, error_class, payload
     FROM {EVENTS} WHERE tenant = {{tenant:String}} AND run_id = {{run_id:String}}
@@ -137,6 +148,33 @@ class Analytics:
     def runs_by_status(self, tenant: str, since: dt.datetime, until: dt.datetime) -> list[dict[str, Any]]:
         """How many runs started in the window are in each status now."""
         return self._window(RUNS_BY_STATUS, tenant, since, until)
+
+    def runs_page(
+        self,
+        tenant: str,
+        workflows: list[str],
+        status: str | None,
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+        before: tuple[dt.datetime, str] | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Runs started in [since, until), of any of `workflows` (all when empty) and `status`
+        (any when None), newest first, strictly after the `before` cursor (started_at, run_id)."""
+        end = _utc(until) if until is not None else dt.datetime(2200, 1, 1, tzinfo=dt.UTC)
+        before_time, before_run = before if before is not None else (end, "")
+        if before is not None and _utc(before_time) >= end:
+            before_time, before_run = end, ""
+        parameters = {
+            "tenant": tenant,
+            "workflows": workflows,
+            "status": status or "",
+            "since": _utc(since) if since is not None else dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
+            "before_time": _utc(before_time),
+            "before_run": before_run,
+            "limit": limit,
+        }
+        return self._rows(RUNS_PAGE, parameters)
 
     def run_timeline(self, tenant: str, run_id: str) -> list[dict[str, Any]]:
         """One run's events in order, as the audit holds them."""

@@ -170,6 +170,9 @@ class Engine:
         )
         self._local_attempts: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self._tasks: list[asyncio.Task[Any]] = []
+        # In-process listeners of what the outbox published: (position, event) batches, once the
+        # broker has them (the gateway's live subscriptions, without a hop through the broker).
+        self.published_listeners: list[Callable[[list[tuple[int, Envelope]]], None]] = []
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -401,7 +404,8 @@ class Engine:
                     await self._in_store(ledger.flush, self.ledger)
             return position
         deliveries = []
-        for _, topic, item in batch:
+        published: list[tuple[int, Envelope]] = []
+        for position_of_event, topic, item in batch:
             if not topic.startswith("aggregates.run:"):
                 continue
             domain_event = (
@@ -411,6 +415,7 @@ class Engine:
             identity = await self._run_identity(run_id, domain_event)
             envelope = event_envelope(domain_event, identity.tenant)
             deliveries.append(await self._send(self._topic(RUN_EVENTS), run_id, encode(envelope)))
+            published.append((int(position_of_event), envelope))
             deliveries.extend(await self._follow_up(envelope, identity))
             if envelope.type == "Started":
                 ledger.started.append(run_id)
@@ -418,6 +423,8 @@ class Engine:
                 ledger.finished.append(run_id)
                 self._runs.pop(run_id, None)
         await asyncio.gather(*deliveries)
+        for listener in self.published_listeners:
+            listener(published)
         ledger.position = int(batch[-1][0])
         if ledger.due():
             await self._in_store(ledger.flush, self.ledger)

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from aggregates.store import RunStore
-from citadel.replay import run_state
 from citadel.runs import start_command
 from schemas.definition import parse_definition
 from schemas.envelope import Envelope
+from streams.history import run_state
 from tests.citadel.test_cli import citadel
 
 LENGTH = 120

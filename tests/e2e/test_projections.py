@@ -14,7 +14,6 @@ import pytest
 
 from aggregates.store import RunStore
 from citadel.projector import RunningProjector, running_projector
-from citadel.replay import history
 from citadel.runs import follow, start_command
 from citadel.settings import Settings
 from projections.clickhouse import Connection
@@ -22,6 +21,7 @@ from projections.rebuild import contents, rebuild
 from schemas.definition import parse_definition
 from schemas.envelope import Envelope
 from streams.engine import Engine
+from streams.history import history
 from streams.kafka import RUN_EVENTS
 from tests.conftest import EXAMPLES, EngineFactory
 

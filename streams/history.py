@@ -1,4 +1,4 @@
-"""Reading run histories back from the event store: the replay of projections, and `citadel runs`."""
+"""Reading run histories back from the event store: the replay of projections, `citadel runs`, the gateway."""
 
 from __future__ import annotations
 
@@ -18,9 +18,15 @@ RUN_TOPIC = "aggregates.run:"
 
 def history(store: RunStore, page: int = 10_000) -> Iterator[Envelope]:
     """Every run event in the store, in commit order, as it was published on `citadel.run-events`."""
+    for _, envelope in numbered_history(store, page):
+        yield envelope
+
+
+def numbered_history(store: RunStore, page: int = 10_000, start: int = 1) -> Iterator[tuple[int, Envelope]]:
+    """The run events from notification `start` on, each with its notification id (its position)."""
     tenants: dict[str, str] = {}
     plain = store.mapper.cipher is None and store.mapper.compressor is None
-    position = 1
+    position = start
     while True:
         notifications = store.recorder.select_notifications(position, page)
         if not notifications:
@@ -40,7 +46,9 @@ def history(store: RunStore, page: int = 10_000) -> Iterator[Envelope]:
             tenant = tenants.get(run_id)
             if tenant is None:  # a history that begins after this run started: ask the run
                 tenant = tenants[run_id] = store.run(run_id).tenant
-            yield envelope.model_copy(update={"tenant": tenant}) if envelope.tenant != tenant else envelope
+            if envelope.tenant != tenant:
+                envelope = envelope.model_copy(update={"tenant": tenant})
+            yield notification.id, envelope
         position = notifications[-1].id + 1
 
 
