@@ -308,6 +308,8 @@ def worker() -> None:
 
 
 async def _serve(settings: Settings, announce_self: bool) -> None:
+    from citadel.gateway import running_gateway  # FastAPI and Strawberry: only for a serving process
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signals.SIGINT, signals.SIGTERM):
@@ -316,23 +318,66 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
         stack_cm = running_stack(settings, keep_broker=announce_self)
         stack = await stack_cm.__aenter__()
     try:
-        if announce_self:
-            announce(stack)
-        mode = "embedded broker" if stack.broker else "Kafka"
-        err.print(
-            f"[green]Citadel is up[/green] ({mode} at {stack.kafka.bootstrap}; "
-            f"event store {_redact(settings.event_store)})"
-        )
-        program = "citadel" if shutil.which("citadel") else os.path.relpath(sys.argv[0])
-        err.print(f"  run a workflow:  {program} run examples/linear.yaml --input '{{\"n\": 5}}'")
-        err.print("  stop:            Ctrl-C")
-        await stop.wait()
-        err.print("stopping…")
+        async with contextlib.AsyncExitStack() as serving:
+            gateway = None
+            if settings.gateway_port:
+                gateway = await serving.enter_async_context(
+                    running_gateway(settings, stack.engine, stack.projector)
+                )
+            if announce_self:
+                announce(stack)
+            mode = "embedded broker" if stack.broker else "Kafka"
+            err.print(
+                f"[green]Citadel is up[/green] ({mode} at {stack.kafka.bootstrap}; "
+                f"event store {_redact(settings.event_store)})"
+            )
+            program = "citadel" if shutil.which("citadel") else os.path.relpath(sys.argv[0])
+            err.print(f"  run a workflow:  {program} run examples/linear.yaml --input '{{\"n\": 5}}'")
+            if gateway is not None:
+                err.print(f"  GraphQL:         {gateway.url}/graphql (subscriptions: graphql-transport-ws)")
+                err.print(f"  health, metrics: {gateway.url}/ready, {gateway.url}/metrics")
+                if gateway.development_token:
+                    err.print("  development token (admin of tenant 'default', 7 days; see `citadel token`):")
+                    err.print(f"    Authorization: Bearer {gateway.development_token}", soft_wrap=True)
+            err.print("  stop:            Ctrl-C")
+            await stop.wait()
+            err.print("stopping…")
     finally:
         if announce_self:
             withdraw(settings)
         with contextlib.suppress(Exception):
             await stack_cm.__aexit__(None, None, None)
+
+
+@app.command()
+def token(
+    tenant: Annotated[str, typer.Option(help="the tenant the token may see")] = "default",
+    role: Annotated[list[str], typer.Option(help="admin, editor or viewer (repeatable)")] = ["viewer"],  # noqa: B006
+    subject: Annotated[str, typer.Option(help="who the token names")] = "cli",
+    hours: Annotated[float, typer.Option(help="lifetime")] = 12.0,
+) -> None:
+    """Print a gateway bearer token signed with CITADEL_JWT_SECRET (embedded: the development secret)."""
+    import datetime as dt
+
+    from citadel.gateway import token_keys
+    from gateway.auth import ROLES, TENANT, issue_token
+
+    settings = Settings.from_env()
+    unknown = [r for r in role if r not in ROLES]
+    if unknown or not TENANT.match(tenant):
+        err.print(f"[red]roles are {', '.join(ROLES)}; a tenant is lower-case letters, digits, - and _[/red]")
+        raise typer.Exit(EXIT_INVALID)
+    try:
+        keys = token_keys(settings)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(EXIT_INVALID) from None
+    if keys.secret is None:
+        err.print(
+            "[red]RS256 tokens are signed by your identity provider; this command signs HS256 only[/red]"
+        )
+        raise typer.Exit(EXIT_INVALID)
+    sys.stdout.write(issue_token(keys, subject, tenant, role, lifetime=dt.timedelta(hours=hours)) + "\n")
 
 
 BENCHMARKS = ("chain40", "throughput", "sandbox", "replay", "timetravel", "lag")
