@@ -27,6 +27,7 @@ import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from eventsourcing.persistence import Notification
+from opentelemetry.trace import SpanContext
 from pydantic import ValidationError
 
 from aggregates.ledger import Ledger, open_ledger
@@ -48,6 +49,7 @@ from streams.kafka import (
     stream_app,
 )
 from streams.timers import Timers
+from streams.tracing import TRACEPARENT, attempt_span, parse_traceparent, traceparent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -237,7 +239,9 @@ class Engine:
     async def _send(self, topic: str, key: str, value: bytes) -> asyncio.Future[Any]:
         assert self.producer is not None
         self.app.fetch_tuner.activity()
-        future: asyncio.Future[Any] = await self.producer.send(topic, value, key=key.encode())
+        future: asyncio.Future[Any] = await self.producer.send(
+            topic, value, key=key.encode(), headers=[(TRACEPARENT, traceparent(key))]
+        )
         return future
 
     async def dead_letter(self, source: str, message: Any, reason: str) -> None:
@@ -562,9 +566,13 @@ class Engine:
                 # Started here already: ack the copy only once that run has reported its result.
                 await asyncio.shield(local)
                 continue
-            await self._execute(task)
+            await self._execute(task, parse_traceparent(dict(event.message.headers or {}).get(TRACEPARENT)))
 
-    async def _execute(self, task: NodeTask) -> None:
+    async def _execute(self, task: NodeTask, carried: SpanContext | None = None) -> None:
+        with attempt_span(task, carried):  # one span per attempt, in its run's trace
+            await self._attempt(task)
+
+    async def _attempt(self, task: NodeTask) -> None:
         # A quick attempt's start is implied by its result (one decision instead of two); one
         # still running after start_report_seconds is reported as started, for live views.
         started = Envelope.new(

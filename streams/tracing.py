@@ -1,0 +1,65 @@
+"""OpenTelemetry traces of runs: one trace per run, a span per node attempt, carried across Kafka.
+
+A run's trace id and its root span id derive from the run id, so every process that touches a
+run (engine, executors, gateway) names the same trace without sharing state; each message keyed
+by a run carries that context as a W3C `traceparent` header. With no tracer provider configured
+the spans cost nothing (OpenTelemetry's no-op tracer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from schemas.tasks import NodeTask
+
+TRACEPARENT = "traceparent"
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def run_trace_id(run_id: str) -> int:
+    return int.from_bytes(_digest(f"trace:{run_id}")[:16], "big") or 1
+
+
+def run_span_id(run_id: str) -> int:
+    return int.from_bytes(_digest(f"span:{run_id}")[:8], "big") or 1
+
+
+def traceparent(run_id: str) -> bytes:
+    """The W3C trace context of a run's messages: its trace, with the run's root span as parent."""
+    return f"00-{run_trace_id(run_id):032x}-{run_span_id(run_id):016x}-01".encode()
+
+
+def parse_traceparent(value: bytes | None) -> SpanContext | None:
+    try:
+        _, trace_id, span_id, flags = (value or b"").decode().split("-")
+        return SpanContext(int(trace_id, 16), int(span_id, 16), True, TraceFlags(int(flags, 16)))
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def attempt_span(task: NodeTask, carried: SpanContext | None = None) -> Iterator[trace.Span]:
+    """The span of one node attempt, a child of its run's root span (from the message header when
+    the task came through Kafka, else derived from the run id: the same context either way)."""
+    parent = carried or SpanContext(run_trace_id(task.run_id), run_span_id(task.run_id), True, TraceFlags(1))
+    context = trace.set_span_in_context(NonRecordingSpan(parent))
+    tracer = trace.get_tracer("citadel.engine")
+    attributes: dict[str, str | int] = {
+        "citadel.run_id": task.run_id,
+        "citadel.tenant": task.tenant,
+        "citadel.workflow": task.workflow,
+        "citadel.node_id": task.node_id,
+        "citadel.node_type": task.node_type,
+        "citadel.attempt": task.attempt,
+        "citadel.attempt_id": task.attempt_id,
+    }
+    with tracer.start_as_current_span(f"node {task.node_id}", context=context, attributes=attributes) as span:
+        yield span
