@@ -380,7 +380,7 @@ def token(
     sys.stdout.write(issue_token(keys, subject, tenant, role, lifetime=dt.timedelta(hours=hours)) + "\n")
 
 
-BENCHMARKS = ("chain40", "throughput", "sandbox", "replay", "timetravel", "lag")
+BENCHMARKS = ("chain40", "throughput", "sandbox", "replay", "timetravel", "lag", "subscription-lag")
 
 
 @app.command()
@@ -403,6 +403,18 @@ def bench(
     elif name == "sandbox":
         with err.status("sandbox: 1,000 sandboxed python attempts, then in-process…"):
             result = asyncio.run(workloads.sandbox())
+    elif name == "subscription-lag":
+        from bench.gateway import subscription_lag
+
+        progress = _progress()
+        with progress:
+            bar = progress.add_task("subscription-lag: runs finished", total=runs)
+            result = asyncio.run(
+                subscription_lag(
+                    runs=runs if runs != 10_000 else 300,
+                    progress=lambda done, total: progress.update(bar, completed=done, total=total),
+                )
+            )
     elif name in ("replay", "timetravel", "lag"):
         result = _projection_bench(name, runs, events)
     else:

@@ -172,8 +172,8 @@ class Engine:
         )
         self._local_attempts: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self._tasks: list[asyncio.Task[Any]] = []
-        # In-process listeners of what the outbox published: (position, event) batches, once the
-        # broker has them (the gateway's live subscriptions, without a hop through the broker).
+        # In-process listeners of what the outbox publishes: (position, event) batches of committed
+        # events, as they are sent (the gateway's live subscriptions, without a hop through the broker).
         self.published_listeners: list[Callable[[list[tuple[int, Envelope]]], None]] = []
 
     # ---- lifecycle -------------------------------------------------------
@@ -426,9 +426,9 @@ class Engine:
             elif envelope.type in TERMINAL_EVENTS:
                 ledger.finished.append(run_id)
                 self._runs.pop(run_id, None)
-        await asyncio.gather(*deliveries)
         for listener in self.published_listeners:
-            listener(published)
+            listener(published)  # committed, so safe to show before the broker acknowledges
+        await asyncio.gather(*deliveries)
         ledger.position = int(batch[-1][0])
         if ledger.due():
             await self._in_store(ledger.flush, self.ledger)
