@@ -91,6 +91,7 @@ class Backend:
         self.analytics = analytics
         self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-store")
         self._clickhouse_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-clickhouse")
+        self.start_timeout = 30.0
         self._workflow_names: set[str] = set()
         self._catalog_position = 0
 
@@ -170,7 +171,7 @@ class Backend:
                 f"the input does not match the input schema of {workflow!r}", "INVALID_INPUT", problems
             )
         payload = {"workflow": definition.name, "workflow_version": definition.version, "input": run_input}
-        return await self._send(who, "StartRun", run_id_for(who.tenant, idempotency_key), payload)
+        return await self._start(who, run_id_for(who.tenant, idempotency_key), payload)
 
     async def cancel(self, who: Principal, run_id: str, reason: str) -> RunTicket:
         await self.run(who, run_id)
@@ -191,7 +192,7 @@ class Backend:
         if from_node not in run.nodes:
             raise GatewayError(f"run {run_id} has no node {from_node!r}", "NOT_FOUND")
         rerun = {"run_id": run_id, "from_node": from_node, "definition": definition}
-        return await self._send(who, "StartRun", run_id_for(who.tenant, idempotency_key), {"rerun": rerun})
+        return await self._start(who, run_id_for(who.tenant, idempotency_key), {"rerun": rerun})
 
     async def retry_node(
         self, who: Principal, run_id: str, node_id: str, idempotency_key: str | None
@@ -205,6 +206,21 @@ class Backend:
                 f"run {run_id} is still {run.status}; retry once it has ended", "NOT_RETRYABLE"
             )
         return await self.rerun(who, run_id, node_id, "original", idempotency_key)
+
+    async def _start(self, who: Principal, run_id: str, payload: dict[str, Any]) -> RunTicket:
+        """Start a run and answer once it exists, so the caller may query or watch it at once."""
+        with self.hub.subscribe(lambda event: event.run_id == run_id) as live:
+            ticket = await self._send(who, "StartRun", run_id, payload)
+            if (await self.runs(who, [run_id]))[0] is None:  # new, not an idempotent repeat
+                try:
+                    await asyncio.wait_for(live.get(), self.start_timeout)
+                except TimeoutError:
+                    raise GatewayError(
+                        f"run {run_id} has not started within {self.start_timeout:g} s: the engine is "
+                        "busy or rejected it; query it later",
+                        "NOT_STARTED",
+                    ) from None
+        return ticket
 
     async def _send(self, who: Principal, kind: str, run_id: str, payload: dict[str, Any]) -> RunTicket:
         command = Envelope.new(kind, run_id, payload, tenant=who.tenant)
