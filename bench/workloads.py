@@ -1,14 +1,15 @@
-"""chain40 and throughput (BENCHMARKS.md) on the embedded stack: bundled broker, SQLite, python nodes."""
+"""The benchmarks of BENCHMARKS.md: chain40 and throughput on the embedded stack, and sandbox."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import orjson
 from bench.report import summary, write
 from citadel.runs import follow, start_command
 from citadel.settings import Settings
-from citadel.stack import running_stack
+from citadel.stack import Stack, running_stack
 from schemas.definition import parse_definition
 from streams.kafka import RUN_EVENTS
 from streams.watch import topic_reader
@@ -25,7 +26,13 @@ from streams.watch import topic_reader
 FIB = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
 
 
-def chain40_definition(length: int = 40) -> dict[str, Any]:
+def chain_node_code(fib_argument: int) -> str:
+    """A chain node's code: add fib(`fib_argument`) to the value passed on."""
+    return FIB + f"def main(v):\n    return v + fib({fib_argument})\n"
+
+
+def chain_definition(name: str, length: int, fib_argument: int) -> dict[str, Any]:
+    """`length` sequential python nodes, each running `chain_node_code(fib_argument)`."""
     nodes = []
     for i in range(length):
         source = "input.v" if i == 0 else f"n{i - 1}"
@@ -34,11 +41,11 @@ def chain40_definition(length: int = 40) -> dict[str, Any]:
                 "id": f"n{i}",
                 "type": "python",
                 "needs": [] if i == 0 else [f"n{i - 1}"],
-                "config": {"inputs": {"v": source}, "code": FIB + "def main(v):\n    return v + fib(10)\n"},
+                "config": {"inputs": {"v": source}, "code": chain_node_code(fib_argument)},
             }
         )
     return parse_definition(
-        {"name": "chain40", "nodes": nodes, "outputs": {"value": f"n{length - 1}"}}
+        {"name": name, "nodes": nodes, "outputs": {"value": f"n{length - 1}"}}
     ).model_dump(mode="json")
 
 
@@ -87,24 +94,54 @@ def _settings(home: Path) -> Settings:
     return Settings.from_env(env)
 
 
-async def chain40(repeats: int = 5, length: int = 40) -> dict[str, Any]:
-    definition = chain40_definition(length)
-    walls, internals = [], []
+def _fib(n: int) -> int:
+    """The value the nodes' recursive fib(n) must come to, found quickly."""
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+@contextlib.asynccontextmanager
+async def _embedded_stack() -> AsyncIterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="citadel-bench-") as home:
-        settings = _settings(Path(home))
-        async with running_stack(settings) as stack:
-            for i in range(repeats + 1):  # the first run warms up the executor
-                command = start_command(definition, {"v": i}, "bench")
-                started = time.perf_counter()
-                await stack.engine.submit(command)
-                report = await follow(stack.kafka, command.run_id, command.id)
-                wall = time.perf_counter() - started
-                assert report.status == "completed", report.error
-                assert report.outputs == {"value": i + 55 * length}
-                first, last = report.events[0], report.events[-1]
-                if i > 0:
-                    walls.append(wall)
-                    internals.append((last.time - first.time).total_seconds())
+        async with running_stack(_settings(Path(home))) as stack:
+            yield stack
+
+
+def _stack_settings() -> dict[str, Any]:
+    # The python executor refuses to start without bubblewrap unless told to accept rlimits only.
+    return {
+        "sandbox": "bubblewrap (zygote, one forked child per attempt)",
+        "store": "sqlite",
+        "broker": "embedded tansu",
+    }
+
+
+async def _timed_run(
+    stack: Stack, definition: dict[str, Any], value: int, expected: int
+) -> tuple[float, float]:
+    """One run from StartRun to its end: the wall time seen here, and from its first to its last event."""
+    command = start_command(definition, {"v": value}, "bench")
+    started = time.perf_counter()
+    await stack.engine.submit(command)
+    report = await follow(stack.kafka, command.run_id, command.id)
+    wall = time.perf_counter() - started
+    assert report.status == "completed", report.error
+    assert report.outputs == {"value": expected}
+    first, last = report.events[0], report.events[-1]
+    return wall, (last.time - first.time).total_seconds()
+
+
+async def chain40(repeats: int = 5, length: int = 40) -> dict[str, Any]:
+    definition = chain_definition("chain40", length, 10)
+    walls, internals = [], []
+    async with _embedded_stack() as stack:
+        for i in range(repeats + 1):  # the first run warms up the executor
+            wall, internal = await _timed_run(stack, definition, i, i + length * _fib(10))
+            if i > 0:
+                walls.append(wall)
+                internals.append(internal)
     figures = {
         "wall_seconds": summary(walls),
         "started_to_completed_seconds": summary(internals),
@@ -112,14 +149,7 @@ async def chain40(repeats: int = 5, length: int = 40) -> dict[str, Any]:
     }
     path = write(
         "chain40",
-        {
-            "repeats": repeats,
-            "nodes": length,
-            "node": "python, fib(10)",
-            "sandbox": "child process (fork server); bubblewrap comes with issue 3",
-            "store": "sqlite",
-            "broker": "embedded tansu",
-        },
+        {"repeats": repeats, "nodes": length, "node": "python, fib(10)", **_stack_settings()},
         figures,
     )
     return {"figures": figures, "path": str(path)}
@@ -153,56 +183,54 @@ async def throughput(
 ) -> dict[str, Any]:
     definition = five_node_definition()
     peak_rss_kb = 0
-    with tempfile.TemporaryDirectory(prefix="citadel-bench-") as home:
-        settings = _settings(Path(home))
-        async with running_stack(settings) as stack:
-            kafka = stack.kafka
-            consumer = topic_reader(kafka, RUN_EVENTS)
-            await consumer.start()
-            started_at: dict[str, float] = {}
-            latencies: list[float] = []
-            done = 0
-            failed = 0
+    async with _embedded_stack() as stack:
+        kafka = stack.kafka
+        consumer = topic_reader(kafka, RUN_EVENTS)
+        await consumer.start()
+        started_at: dict[str, float] = {}
+        latencies: list[float] = []
+        done = 0
+        failed = 0
 
-            async def count() -> None:
-                nonlocal done, failed
-                while done + failed < runs:
-                    batch = await consumer.getmany(timeout_ms=200, max_records=5000)
-                    for records in batch.values():
-                        for record in records:
-                            event = orjson.loads(record.value)
-                            kind = event["type"]
-                            if kind == "Started":
-                                started_at[event["run_id"]] = _ts(event["time"])
-                            elif kind in ("Completed", "Failed", "Cancelled"):
-                                if kind == "Completed":
-                                    done += 1
-                                else:
-                                    failed += 1
-                                latencies.append(_ts(event["time"]) - started_at.get(event["run_id"], 0))
-                    if progress:
-                        progress(done + failed, runs)
+        async def count() -> None:
+            nonlocal done, failed
+            while done + failed < runs:
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for records in batch.values():
+                    for record in records:
+                        event = orjson.loads(record.value)
+                        kind = event["type"]
+                        if kind == "Started":
+                            started_at[event["run_id"]] = _ts(event["time"])
+                        elif kind in ("Completed", "Failed", "Cancelled"):
+                            if kind == "Completed":
+                                done += 1
+                            else:
+                                failed += 1
+                            latencies.append(_ts(event["time"]) - started_at.get(event["run_id"], 0))
+                if progress:
+                    progress(done + failed, runs)
 
-            async def sample() -> None:
-                nonlocal peak_rss_kb
-                while True:
-                    peak_rss_kb = max(peak_rss_kb, _tree_rss_kb(os.getpid()))
-                    await asyncio.sleep(0.5)
+        async def sample() -> None:
+            nonlocal peak_rss_kb
+            while True:
+                peak_rss_kb = max(peak_rss_kb, _tree_rss_kb(os.getpid()))
+                await asyncio.sleep(0.5)
 
-            sampler = asyncio.create_task(sample())
-            counter = asyncio.create_task(count())
-            began = time.perf_counter()
-            for start in range(0, runs, 500):
-                commands = [
-                    start_command(definition, {"n": n}, "bench", run_id=str(uuid.uuid4()))
-                    for n in range(start, min(runs, start + 500))
-                ]
-                await asyncio.gather(*(stack.engine.submit(c) for c in commands))
-            submitted = time.perf_counter() - began
-            await counter
-            elapsed = time.perf_counter() - began
-            sampler.cancel()
-            await consumer.stop()
+        sampler = asyncio.create_task(sample())
+        counter = asyncio.create_task(count())
+        began = time.perf_counter()
+        for start in range(0, runs, 500):
+            commands = [
+                start_command(definition, {"n": n}, "bench", run_id=str(uuid.uuid4()))
+                for n in range(start, min(runs, start + 500))
+            ]
+            await asyncio.gather(*(stack.engine.submit(c) for c in commands))
+        submitted = time.perf_counter() - began
+        await counter
+        elapsed = time.perf_counter() - began
+        sampler.cancel()
+        await consumer.stop()
     figures = {
         "runs": runs,
         "completed": done,
@@ -220,11 +248,9 @@ async def throughput(
             "runs": runs,
             "nodes_per_run": 5,
             "workflow": "transform, python, condition, python, transform",
-            "sandbox": "child process (fork server)",
-            "store": "sqlite",
-            "broker": "embedded tansu",
-            "partitions": settings.partitions,
-            "executor_concurrency": settings.executor_concurrency,
+            **_stack_settings(),
+            "partitions": stack.settings.partitions,
+            "executor_concurrency": stack.settings.executor_concurrency,
         },
         figures,
     )
