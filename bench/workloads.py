@@ -1,4 +1,4 @@
-"""The benchmarks of BENCHMARKS.md: chain40 and throughput on the embedded stack, and sandbox."""
+"""The benchmarks of BENCHMARKS.md: chain40, long10 and throughput on the embedded stack, and sandbox."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -150,6 +151,73 @@ async def chain40(repeats: int = 5, length: int = 40) -> dict[str, Any]:
     path = write(
         "chain40",
         {"repeats": repeats, "nodes": length, "node": "python, fib(10)", **_stack_settings()},
+        figures,
+    )
+    return {"figures": figures, "path": str(path)}
+
+
+# The baseline: the nodes' own code, called in a loop by a plain interpreter (no engine, no sandbox).
+PLAIN_LOOP = """
+import json, sys, time
+namespace = {}
+exec(compile(sys.argv[1], "<node>", "exec"), namespace)
+main, v = namespace["main"], int(sys.argv[3])
+began = time.perf_counter()
+for _ in range(int(sys.argv[2])):
+    v = main(v)
+print(json.dumps({"seconds": time.perf_counter() - began, "value": v}))
+"""
+
+
+async def _plain_loop(code: str, length: int, value: int, expected: int) -> float:
+    """Seconds the loop took, timed inside its own process."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PLAIN_LOOP, code, str(length), str(value), stdout=asyncio.subprocess.PIPE
+    )
+    stdout, _ = await process.communicate()
+    assert process.returncode == 0, f"the plain loop exited with status {process.returncode}"
+    result = orjson.loads(stdout)
+    assert result["value"] == expected, result
+    return float(result["seconds"])
+
+
+async def long10(repeats: int = 5, length: int = 10, fib_argument: int = 33) -> dict[str, Any]:
+    """The chain run beside the same calls in a plain loop, alternating which goes first."""
+    definition = chain_definition("long10", length, fib_argument)
+    code = chain_node_code(fib_argument)
+    walls, internals, loops = [], [], []
+    async with _embedded_stack() as stack:
+        for i in range(repeats + 1):  # the first pair warms up the executor
+            expected = i + length * _fib(fib_argument)
+            # Alternating, so that neither side always meets the machine in the same mood.
+            if i % 2:
+                wall, internal = await _timed_run(stack, definition, i, expected)
+                loop = await _plain_loop(code, length, i, expected)
+            else:
+                loop = await _plain_loop(code, length, i, expected)
+                wall, internal = await _timed_run(stack, definition, i, expected)
+            if i > 0:
+                walls.append(wall)
+                internals.append(internal)
+                loops.append(loop)
+    figures = {
+        "wall_seconds": summary(walls),
+        "started_to_completed_seconds": summary(internals),
+        "plain_loop_seconds": summary(loops),
+        "ratio": summary([w / p for w, p in zip(walls, loops, strict=True)]),
+        "ratio_of_medians": statistics.median(walls) / statistics.median(loops),
+        "overhead_per_node_ms": summary([(w - p) / length * 1000 for w, p in zip(walls, loops, strict=True)]),
+    }
+    path = write(
+        "long10",
+        {
+            "repeats": repeats,
+            "nodes": length,
+            "node": f"python, fib({fib_argument})",
+            "baseline": "the same code called in a loop in a fresh interpreter, timed inside it",
+            "order": "run and loop side by side, alternating which goes first",
+            **_stack_settings(),
+        },
         figures,
     )
     return {"figures": figures, "path": str(path)}

@@ -333,14 +333,14 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
             await stack_cm.__aexit__(None, None, None)
 
 
-BENCHMARKS = ("chain40", "throughput", "sandbox")
+BENCHMARKS = ("chain40", "long10", "throughput", "sandbox")
 
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="chain40, throughput or sandbox (see BENCHMARKS.md)")],
+    name: Annotated[str, typer.Argument(help="chain40, long10, throughput or sandbox (see BENCHMARKS.md)")],
     runs: Annotated[int, typer.Option(help="throughput: how many runs to start")] = 10_000,
-    repeats: Annotated[int, typer.Option(help="chain40: how many timed runs")] = 5,
+    repeats: Annotated[int, typer.Option(help="chain40, long10: how many timed runs")] = 5,
 ) -> None:
     """Run a benchmark on the embedded stack; print a table and write bench/results/NAME.json."""
     from bench import workloads
@@ -352,6 +352,9 @@ def bench(
     if name == "chain40":
         with err.status(f"chain40: {repeats} timed runs of 40 python nodes…"):
             result = asyncio.run(workloads.chain40(repeats=repeats))
+    elif name == "long10":
+        with err.status(f"long10: {repeats} timed runs of 10 fib(33) nodes, each beside a plain loop…"):
+            result = asyncio.run(workloads.long10(repeats=repeats))
     elif name == "sandbox":
         with err.status("sandbox: 1,000 sandboxed python attempts, then in-process…"):
             result = asyncio.run(workloads.sandbox())
