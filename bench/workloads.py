@@ -1,14 +1,16 @@
-"""chain40 and throughput (BENCHMARKS.md) on the embedded stack: bundled broker, SQLite, python nodes."""
+"""The benchmarks of BENCHMARKS.md: chain40, long10 and throughput on the embedded stack, and sandbox."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,13 @@ from streams.watch import topic_reader
 FIB = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
 
 
-def chain40_definition(length: int = 40) -> dict[str, Any]:
+def chain_node_code(fib_argument: int) -> str:
+    """A chain node's code: add fib(`fib_argument`) to the value passed on."""
+    return FIB + f"def main(v):\n    return v + fib({fib_argument})\n"
+
+
+def chain_definition(name: str, length: int, fib_argument: int) -> dict[str, Any]:
+    """`length` sequential python nodes, each running `chain_node_code(fib_argument)`."""
     nodes = []
     for i in range(length):
         source = "input.v" if i == 0 else f"n{i - 1}"
@@ -34,11 +42,11 @@ def chain40_definition(length: int = 40) -> dict[str, Any]:
                 "id": f"n{i}",
                 "type": "python",
                 "needs": [] if i == 0 else [f"n{i - 1}"],
-                "config": {"inputs": {"v": source}, "code": FIB + "def main(v):\n    return v + fib(10)\n"},
+                "config": {"inputs": {"v": source}, "code": chain_node_code(fib_argument)},
             }
         )
     return parse_definition(
-        {"name": "chain40", "nodes": nodes, "outputs": {"value": f"n{length - 1}"}}
+        {"name": name, "nodes": nodes, "outputs": {"value": f"n{length - 1}"}}
     ).model_dump(mode="json")
 
 
@@ -87,24 +95,54 @@ def _settings(home: Path) -> Settings:
     return Settings.from_env(env)
 
 
-async def chain40(repeats: int = 5, length: int = 40) -> dict[str, Any]:
-    definition = chain40_definition(length)
-    walls, internals = [], []
+def _fib(n: int) -> int:
+    """The value the nodes' recursive fib(n) must come to, found quickly."""
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+@contextlib.asynccontextmanager
+async def _embedded_stack() -> AsyncIterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="citadel-bench-") as home:
-        settings = _settings(Path(home))
-        async with running_stack(settings) as stack:
-            for i in range(repeats + 1):  # the first run warms up the executor
-                command = start_command(definition, {"v": i}, "bench")
-                started = time.perf_counter()
-                await stack.engine.submit(command)
-                report = await follow(stack.kafka, command.run_id, command.id)
-                wall = time.perf_counter() - started
-                assert report.status == "completed", report.error
-                assert report.outputs == {"value": i + 55 * length}
-                first, last = report.events[0], report.events[-1]
-                if i > 0:
-                    walls.append(wall)
-                    internals.append((last.time - first.time).total_seconds())
+        async with running_stack(_settings(Path(home))) as stack:
+            yield stack
+
+
+def _stack_settings() -> dict[str, Any]:
+    # The python executor refuses to start without bubblewrap unless told to accept rlimits only.
+    return {
+        "sandbox": "bubblewrap (zygote, one forked child per attempt)",
+        "store": "sqlite",
+        "broker": "embedded tansu",
+    }
+
+
+async def _timed_run(
+    stack: Stack, definition: dict[str, Any], value: int, expected: int
+) -> tuple[float, float]:
+    """One run from StartRun to its end: the wall time seen here, and from its first to its last event."""
+    command = start_command(definition, {"v": value}, "bench")
+    started = time.perf_counter()
+    await stack.engine.submit(command)
+    report = await follow(stack.kafka, command.run_id, command.id)
+    wall = time.perf_counter() - started
+    assert report.status == "completed", report.error
+    assert report.outputs == {"value": expected}
+    first, last = report.events[0], report.events[-1]
+    return wall, (last.time - first.time).total_seconds()
+
+
+async def chain40(repeats: int = 5, length: int = 40) -> dict[str, Any]:
+    definition = chain_definition("chain40", length, 10)
+    walls, internals = [], []
+    async with _embedded_stack() as stack:
+        for i in range(repeats + 1):  # the first run warms up the executor
+            wall, internal = await _timed_run(stack, definition, i, i + length * _fib(10))
+            if i > 0:
+                walls.append(wall)
+                internals.append(internal)
     figures = {
         "wall_seconds": summary(walls),
         "started_to_completed_seconds": summary(internals),
@@ -112,13 +150,73 @@ async def chain40(repeats: int = 5, length: int = 40) -> dict[str, Any]:
     }
     path = write(
         "chain40",
+        {"repeats": repeats, "nodes": length, "node": "python, fib(10)", **_stack_settings()},
+        figures,
+    )
+    return {"figures": figures, "path": str(path)}
+
+
+# The baseline: the nodes' own code, called in a loop by a plain interpreter (no engine, no sandbox).
+PLAIN_LOOP = """
+import json, sys, time
+namespace = {}
+exec(compile(sys.argv[1], "<node>", "exec"), namespace)
+main, v = namespace["main"], int(sys.argv[3])
+began = time.perf_counter()
+for _ in range(int(sys.argv[2])):
+    v = main(v)
+print(json.dumps({"seconds": time.perf_counter() - began, "value": v}))
+"""
+
+
+async def _plain_loop(code: str, length: int, value: int, expected: int) -> float:
+    """Seconds the loop took, timed inside its own process."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PLAIN_LOOP, code, str(length), str(value), stdout=asyncio.subprocess.PIPE
+    )
+    stdout, _ = await process.communicate()
+    assert process.returncode == 0, f"the plain loop exited with status {process.returncode}"
+    result = orjson.loads(stdout)
+    assert result["value"] == expected, result
+    return float(result["seconds"])
+
+
+async def long10(repeats: int = 5, length: int = 10, fib_argument: int = 33) -> dict[str, Any]:
+    """The chain run beside the same calls in a plain loop, alternating which goes first."""
+    definition = chain_definition("long10", length, fib_argument)
+    code = chain_node_code(fib_argument)
+    walls, internals, loops = [], [], []
+    async with _embedded_stack() as stack:
+        for i in range(repeats + 1):  # the first pair warms up the executor
+            expected = i + length * _fib(fib_argument)
+            # Alternating, so that neither side always meets the machine in the same mood.
+            if i % 2:
+                wall, internal = await _timed_run(stack, definition, i, expected)
+                loop = await _plain_loop(code, length, i, expected)
+            else:
+                loop = await _plain_loop(code, length, i, expected)
+                wall, internal = await _timed_run(stack, definition, i, expected)
+            if i > 0:
+                walls.append(wall)
+                internals.append(internal)
+                loops.append(loop)
+    figures = {
+        "wall_seconds": summary(walls),
+        "started_to_completed_seconds": summary(internals),
+        "plain_loop_seconds": summary(loops),
+        "ratio": summary([w / p for w, p in zip(walls, loops, strict=True)]),
+        "ratio_of_medians": statistics.median(walls) / statistics.median(loops),
+        "overhead_per_node_ms": summary([(w - p) / length * 1000 for w, p in zip(walls, loops, strict=True)]),
+    }
+    path = write(
+        "long10",
         {
             "repeats": repeats,
             "nodes": length,
-            "node": "python, fib(10)",
-            "sandbox": "child process (fork server); bubblewrap comes with issue 3",
-            "store": "sqlite",
-            "broker": "embedded tansu",
+            "node": f"python, fib({fib_argument})",
+            "baseline": "the same code called in a loop in a fresh interpreter, timed inside it",
+            "order": "run and loop side by side, alternating which goes first",
+            **_stack_settings(),
         },
         figures,
     )
@@ -156,58 +254,56 @@ async def throughput(
     """With `observe`, it is called with the started stack (the `lag` benchmark watches its projector)."""
     definition = five_node_definition()
     peak_rss_kb = 0
-    with tempfile.TemporaryDirectory(prefix="citadel-bench-") as home:
-        settings = _settings(Path(home))
-        async with running_stack(settings) as stack:
-            if observe is not None:
-                observe(stack)
-            kafka = stack.kafka
-            consumer = topic_reader(kafka, RUN_EVENTS)
-            await consumer.start()
-            started_at: dict[str, float] = {}
-            latencies: list[float] = []
-            done = 0
-            failed = 0
+    async with _embedded_stack() as stack:
+        if observe is not None:
+            observe(stack)
+        kafka = stack.kafka
+        consumer = topic_reader(kafka, RUN_EVENTS)
+        await consumer.start()
+        started_at: dict[str, float] = {}
+        latencies: list[float] = []
+        done = 0
+        failed = 0
 
-            async def count() -> None:
-                nonlocal done, failed
-                while done + failed < runs:
-                    batch = await consumer.getmany(timeout_ms=200, max_records=5000)
-                    for records in batch.values():
-                        for record in records:
-                            event = orjson.loads(record.value)
-                            kind = event["type"]
-                            if kind == "Started":
-                                started_at[event["run_id"]] = _ts(event["time"])
-                            elif kind in ("Completed", "Failed", "Cancelled"):
-                                if kind == "Completed":
-                                    done += 1
-                                else:
-                                    failed += 1
-                                latencies.append(_ts(event["time"]) - started_at.get(event["run_id"], 0))
-                    if progress:
-                        progress(done + failed, runs)
+        async def count() -> None:
+            nonlocal done, failed
+            while done + failed < runs:
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for records in batch.values():
+                    for record in records:
+                        event = orjson.loads(record.value)
+                        kind = event["type"]
+                        if kind == "Started":
+                            started_at[event["run_id"]] = _ts(event["time"])
+                        elif kind in ("Completed", "Failed", "Cancelled"):
+                            if kind == "Completed":
+                                done += 1
+                            else:
+                                failed += 1
+                            latencies.append(_ts(event["time"]) - started_at.get(event["run_id"], 0))
+                if progress:
+                    progress(done + failed, runs)
 
-            async def sample() -> None:
-                nonlocal peak_rss_kb
-                while True:
-                    peak_rss_kb = max(peak_rss_kb, _tree_rss_kb(os.getpid()))
-                    await asyncio.sleep(0.5)
+        async def sample() -> None:
+            nonlocal peak_rss_kb
+            while True:
+                peak_rss_kb = max(peak_rss_kb, _tree_rss_kb(os.getpid()))
+                await asyncio.sleep(0.5)
 
-            sampler = asyncio.create_task(sample())
-            counter = asyncio.create_task(count())
-            began = time.perf_counter()
-            for start in range(0, runs, 500):
-                commands = [
-                    start_command(definition, {"n": n}, "bench", run_id=str(uuid.uuid4()))
-                    for n in range(start, min(runs, start + 500))
-                ]
-                await asyncio.gather(*(stack.engine.submit(c) for c in commands))
-            submitted = time.perf_counter() - began
-            await counter
-            elapsed = time.perf_counter() - began
-            sampler.cancel()
-            await consumer.stop()
+        sampler = asyncio.create_task(sample())
+        counter = asyncio.create_task(count())
+        began = time.perf_counter()
+        for start in range(0, runs, 500):
+            commands = [
+                start_command(definition, {"n": n}, "bench", run_id=str(uuid.uuid4()))
+                for n in range(start, min(runs, start + 500))
+            ]
+            await asyncio.gather(*(stack.engine.submit(c) for c in commands))
+        submitted = time.perf_counter() - began
+        await counter
+        elapsed = time.perf_counter() - began
+        sampler.cancel()
+        await consumer.stop()
     figures = {
         "runs": runs,
         "completed": done,
@@ -225,11 +321,9 @@ async def throughput(
             "runs": runs,
             "nodes_per_run": 5,
             "workflow": "transform, python, condition, python, transform",
-            "sandbox": "child process (fork server)",
-            "store": "sqlite",
-            "broker": "embedded tansu",
-            "partitions": settings.partitions,
-            "executor_concurrency": settings.executor_concurrency,
+            **_stack_settings(),
+            "partitions": stack.settings.partitions,
+            "executor_concurrency": stack.settings.executor_concurrency,
         },
         figures,
     )

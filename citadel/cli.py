@@ -380,14 +380,23 @@ def token(
     sys.stdout.write(issue_token(keys, subject, tenant, role, lifetime=dt.timedelta(hours=hours)) + "\n")
 
 
-BENCHMARKS = ("chain40", "throughput", "sandbox", "replay", "timetravel", "lag", "subscription-lag")
+BENCHMARKS = (
+    "chain40",
+    "long10",
+    "throughput",
+    "sandbox",
+    "replay",
+    "timetravel",
+    "lag",
+    "subscription-lag",
+)
 
 
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(help=f"one of {', '.join(BENCHMARKS)} (see BENCHMARKS.md)")],
     runs: Annotated[int, typer.Option(help="throughput, lag: how many runs to start")] = 10_000,
-    repeats: Annotated[int, typer.Option(help="chain40: how many timed runs")] = 5,
+    repeats: Annotated[int, typer.Option(help="chain40, long10: how many timed runs")] = 5,
     events: Annotated[int, typer.Option(help="replay: events in the store; timetravel: in the run")] = 0,
 ) -> None:
     """Run a benchmark on the embedded stack; print a table and write bench/results/NAME.json."""
@@ -400,6 +409,9 @@ def bench(
     if name == "chain40":
         with err.status(f"chain40: {repeats} timed runs of 40 python nodes…"):
             result = asyncio.run(workloads.chain40(repeats=repeats))
+    elif name == "long10":
+        with err.status(f"long10: {repeats} timed runs of 10 fib(33) nodes, each beside a plain loop…"):
+            result = asyncio.run(workloads.long10(repeats=repeats))
     elif name == "sandbox":
         with err.status("sandbox: 1,000 sandboxed python attempts, then in-process…"):
             result = asyncio.run(workloads.sandbox())

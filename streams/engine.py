@@ -401,7 +401,10 @@ class Engine:
                 await self._in_store(ledger.flush, self.ledger)
             self._outbox_wake.clear()
             try:
-                await asyncio.wait_for(self._outbox_wake.wait(), self.settings.outbox_poll_seconds)
+                # Not wait_for: on Python 3.11 it swallows a cancellation that lands as the wake
+                # comes, and stop() would then wait for this loop forever.
+                async with asyncio.timeout(self.settings.outbox_poll_seconds):
+                    await self._outbox_wake.wait()
             except TimeoutError:
                 self._poll_store = True
                 if ledger.pending:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import orjson
@@ -9,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.envelope import Envelope, EnvelopeError, decode
-from streams.kafka import DEAD_LETTERS, RUN_EVENTS, KafkaSettings
+from streams.kafka import DEAD_LETTERS, RUN_EVENTS, FetchTuner, KafkaSettings
 
 TERMINAL = frozenset({"Completed", "Failed", "Cancelled"})
 
@@ -42,12 +43,15 @@ async def watch_run(
     partitions = list(range(kafka.partitions))
     partition = DefaultPartitioner()(key, partitions, partitions)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap,
-        enable_auto_commit=False,
-        fetch_max_wait_ms=5,
-        auto_offset_reset="earliest",
+        bootstrap_servers=kafka.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
     )
+    # Quick while the run's events flow; slower in the lull of a long node, which it shares
+    # the machine with.
+    tuner = FetchTuner(kafka)
+    tuner.register(consumer)
+    tuner.activity()
     await consumer.start()
+    tuning = asyncio.create_task(tuner.run())
     try:
         events = TopicPartition(kafka.topic(RUN_EVENTS), partition)
         dead = TopicPartition(kafka.topic(DEAD_LETTERS), partition)
@@ -55,6 +59,7 @@ async def watch_run(
         await consumer.seek_to_beginning(events, dead)
         seen = 0  # versions arrive in order; republished duplicates have versions already seen
         async for message in consumer:
+            tuner.activity()
             if message.key != key:
                 continue
             if message.topic == dead.topic:
@@ -71,6 +76,7 @@ async def watch_run(
             if envelope.type in TERMINAL:
                 return
     finally:
+        tuning.cancel()
         await consumer.stop()
 
 

@@ -48,3 +48,16 @@ async def test_two_workers_share_the_runs_and_one_outbox_then_one_takes_over(
     )
     assert len(published) == expected
     assert max(published.values()) == 1, "an event was published by more than one worker"
+
+
+async def test_a_worker_stops_even_when_its_outbox_is_woken_as_it_stops(
+    engine_factory: EngineFactory,
+) -> None:
+    running = engine_factory()
+    engine = await running.__aenter__()
+    await asyncio.sleep(0.5)  # the outbox loop is now waiting for work
+    # New events wake the outbox (a decide batch does this); stop() lands in the same moment.
+    engine._outbox_wake.set()
+    await asyncio.sleep(0)
+    async with asyncio.timeout(30):
+        await running.__aexit__(None, None, None)
