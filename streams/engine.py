@@ -18,9 +18,9 @@ import datetime as dt
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
@@ -30,11 +30,12 @@ from eventsourcing.persistence import Notification
 from pydantic import ValidationError
 
 from aggregates.ledger import Ledger, open_ledger
-from aggregates.run import Run
+from aggregates.run import Run, run_uuid
 from aggregates.store import REJECTED, RunStore
 from nodes.base import ExecutorRegistry
 from schemas.envelope import Envelope, EnvelopeError, decode, encode
 from schemas.tasks import NodeOutcome, NodeTask
+from streams.admission import Admission, Attempt, Limits
 from streams.clock import Clock, SystemClock
 from streams.kafka import (
     COMMANDS,
@@ -72,13 +73,14 @@ class EngineSettings:
     executor_concurrency: int = 8
     start_report_seconds: float = 0.1
     reconcile: bool = True
+    # Attempts in flight per tenant, workflow and node type (engine-wide); none by default here.
+    admission: Limits = field(default_factory=Limits)
 
 
 def event_envelope(domain_event: Any, tenant: str) -> Envelope:
     """The wire form of a committed run event; its id (run:version) is stable across republishing."""
     run_id = str(domain_event.originator_id)
     version = int(domain_event.originator_version)
-    payload = {k: v for k, v in domain_event.__dict__.items() if k not in _EVENT_META}
     return Envelope(
         id=f"{run_id}:{version}",
         type=type(domain_event).__name__,
@@ -86,8 +88,12 @@ def event_envelope(domain_event: Any, tenant: str) -> Envelope:
         tenant=tenant,
         time=domain_event.timestamp,
         version=version,
-        payload=payload,
+        payload=event_payload(domain_event),
     )
+
+
+def event_payload(domain_event: Any) -> dict[str, Any]:
+    return {k: v for k, v in domain_event.__dict__.items() if k not in _EVENT_META}
 
 
 def task_from_event(run_id: str, tenant: str, workflow: str, payload: dict[str, Any]) -> NodeTask:
@@ -148,6 +154,8 @@ class Engine:
         )
         self._local_attempts: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self._tasks: list[asyncio.Task[Any]] = []
+        self.admission = Admission(settings.admission)
+        self._released: list[Attempt] = []  # admitted by the outbox, to dispatch with its batch
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -370,11 +378,13 @@ class Engine:
             envelope = event_envelope(domain_event, tenant)
             deliveries.append(await self._send(self._topic(RUN_EVENTS), run_id, encode(envelope)))
             deliveries.extend(await self._follow_up(envelope, workflow))
+            self._end_attempts(envelope)
             if envelope.type == "Started":
                 ledger.started.append(run_id)
             elif envelope.type in TERMINAL_EVENTS:
                 ledger.finished.append(run_id)
                 self._runs.pop(run_id, None)
+        deliveries.extend(await self._dispatch_released())
         await asyncio.gather(*deliveries)
         ledger.position = int(batch[-1][0])
         if ledger.due():
@@ -404,13 +414,7 @@ class Engine:
         payload = envelope.payload
         if envelope.type == "NodeScheduled":
             if not payload["inline"]:
-                task = task_from_event(envelope.run_id, envelope.tenant, workflow, payload)
-                self._dispatch_here(task)
-                return [
-                    await self._send(
-                        self._topic(NODE_TASKS), envelope.run_id, task.model_dump_json().encode()
-                    )
-                ]
+                return await self._admit(envelope, workflow)
             if payload["node_type"] == "log":
                 self._log_attempts.add(payload["attempt_id"])
         elif envelope.type in TIMER_EVENTS and payload.get("timer_id") and payload.get("due_at"):
@@ -432,6 +436,42 @@ class Engine:
                 output.get("message"),
             )
         return []
+
+    async def _admit(self, scheduled: Envelope, workflow: str) -> list[asyncio.Future[Any]]:
+        """Dispatch a scheduled attempt if admission lets it go now; else it waits (in the store)."""
+        payload = scheduled.payload
+        assert scheduled.version is not None  # every committed event has one
+        attempt = Attempt(
+            run_id=scheduled.run_id,
+            attempt_id=payload["attempt_id"],
+            tenant=scheduled.tenant,
+            workflow=workflow,
+            node_type=payload["node_type"],
+            version=scheduled.version,
+        )
+        if not self.admission.offer(attempt):
+            return []
+        return [await self._dispatch(task_from_event(scheduled.run_id, scheduled.tenant, workflow, payload))]
+
+    def _end_attempts(self, envelope: Envelope) -> None:
+        """A result, or the end of a run, frees admission slots: collect who takes them."""
+        if envelope.type in ("NodeSucceeded", "NodeFailed"):
+            self._released.extend(self.admission.end(envelope.run_id, envelope.payload["attempt_id"]))
+        elif envelope.type in TERMINAL_EVENTS:
+            self._released.extend(self.admission.end_run(envelope.run_id))
+
+    async def _dispatch_released(self) -> list[asyncio.Future[Any]]:
+        """Dispatch the admitted attempts, their tasks loaded from their NodeScheduled events."""
+        if not self._released:
+            return []
+        assert self.store is not None
+        released = list(self._released)  # kept until loaded, in case loading fails
+        payloads = await self._in_store(_scheduled_payloads, self.store, released)
+        del self._released[: len(released)]
+        return [
+            await self._dispatch(task_from_event(a.run_id, a.tenant, a.workflow, payload))
+            for a, payload in zip(released, payloads, strict=True)
+        ]
 
     async def _run_identity(self, run_id: str, domain_event: Any) -> tuple[str, str]:
         if type(domain_event).__name__ == "Started":
@@ -461,6 +501,11 @@ class Engine:
         await self.submit(command)
 
     # ---- execute ---------------------------------------------------------
+
+    async def _dispatch(self, task: NodeTask) -> asyncio.Future[Any]:
+        """Hand a task to the executors: here at once if possible, and always through the broker."""
+        self._dispatch_here(task)
+        return await self._send(self._topic(NODE_TASKS), task.run_id, task.model_dump_json().encode())
 
     def _dispatch_here(self, task: NodeTask) -> None:
         """Start a task on this worker's executors at once, without waiting for the broker.
@@ -538,37 +583,24 @@ class Engine:
     # ---- reconcile -------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Dispatch unfinished attempts and re-arm timers of every active run (after any restart)."""
+        """Offer unfinished attempts to admission again and re-arm timers of every active run
+        (after any restart): what fits is dispatched, the rest waits as before the restart."""
         assert self.ledger is not None and self.store is not None
         active = await self._in_store(self.ledger.active_runs)
         runs: list[Run] = await self._in_store(_load_runs, self.store, active)
-        deliveries = []
+        attempts = await self._in_store(_unfinished_attempts, self.store, runs)
+        self._released.extend(a for a in attempts if self.admission.offer(a))
+        deliveries = await self._dispatch_released()
         for run in runs:
-            for attempt in run.unfinished_attempts():
-                node = attempt["node"]
-                task = NodeTask(
-                    run_id=run.run_id,
-                    tenant=run.tenant,
-                    workflow=run.workflow,
-                    node_id=node.id,
-                    node_type=node.type,
-                    attempt=attempt["attempt"],
-                    attempt_id=attempt["attempt_id"],
-                    config=node.config,
-                    inputs=attempt["inputs"],
-                    timeout_seconds=node.timeout_seconds,
-                )
-                deliveries.append(
-                    await self._send(self._topic(NODE_TASKS), run.run_id, task.model_dump_json().encode())
-                )
             for timer_id, timer in run.timers.items():
                 self.timers.arm(timer_id, run.run_id, run.tenant, dt.datetime.fromisoformat(timer["due_at"]))
         await asyncio.gather(*deliveries)
         if runs:
             log.info(
-                "reconciled %d active run(s): %d attempt(s) dispatched again, %d timer(s)",
+                "reconciled %d active run(s): %d attempt(s) dispatched again, %d waiting, %d timer(s)",
                 len(runs),
                 len(deliveries),
+                self.admission.parked,
                 len(self.timers),
             )
 
@@ -614,6 +646,45 @@ def _load_runs(store: RunStore, run_ids: list[str]) -> list[Run]:
         if run.status == "running":
             runs.append(run)
     return runs
+
+
+def _unfinished_attempts(store: RunStore, runs: list[Run]) -> list[Attempt]:
+    """The attempts the runs wait for, each with the version of the event that scheduled it."""
+    attempts: list[Attempt] = []
+    for run in runs:
+        wanted = {a["attempt_id"] for a in run.unfinished_attempts()}
+        if not wanted:
+            continue
+        found = []
+        # Newest first: an unfinished attempt was scheduled after everything that finished.
+        events: Iterator[Any] = store.events.get(run_uuid(run.run_id), desc=True)
+        for event in events:
+            if type(event).__name__ == "NodeScheduled" and event.attempt_id in wanted:
+                wanted.discard(event.attempt_id)
+                version = int(event.originator_version)
+                found.append(
+                    Attempt(
+                        run_id=run.run_id,
+                        attempt_id=event.attempt_id,
+                        tenant=run.tenant,
+                        workflow=run.workflow,
+                        node_type=event.node_type,
+                        version=version,
+                    )
+                )
+                if not wanted:
+                    break
+        attempts.extend(reversed(found))
+    return attempts
+
+
+def _scheduled_payloads(store: RunStore, attempts: list[Attempt]) -> list[dict[str, Any]]:
+    """The NodeScheduled payloads (the tasks) of the attempts, one indexed read each."""
+    payloads = []
+    for attempt in attempts:
+        (event,) = store.events.get(run_uuid(attempt.run_id), gt=attempt.version - 1, lte=attempt.version)
+        payloads.append(event_payload(event))
+    return payloads
 
 
 def _is_text(value: bytes) -> bool:
