@@ -261,6 +261,10 @@ class Engine:
             value_serializer="raw",
             partitions=settings.kafka.partitions,
         )
+        # Fetched tasks waiting for an executor: when they fill this, the consumer stops fetching
+        # (the lag stays in Kafka) instead of buffering Faust's default of thousands in memory.
+        # Set on the topic itself: Faust 0.15's app.topic() drops its maxsize argument.
+        tasks.maxsize = 2 * settings.executor_concurrency
         app.agent(commands, name="decide")(self._decide_agent)
         app.agent(tasks, name="execute", concurrency=settings.executor_concurrency)(self._execute_agent)
         return app

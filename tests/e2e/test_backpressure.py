@@ -258,3 +258,28 @@ async def test_waiting_attempts_survive_a_restart_and_the_limits_hold_after_it(
         assert [events.completed[r] for r in run_ids] == [{"total": fan_out_total(5, k)} for k in range(6)]
         assert peaks.parked > 10
         assert 0 < peaks.in_flight <= 3
+
+
+def fetched_tasks(engine: Engine) -> int:
+    """Tasks fetched from citadel.node-tasks that wait in memory for the execute agent (reaches
+    into Faust: the agent's actors share one stream buffer)."""
+    agent = next(a for a in engine.app.agents.values() if a.name.endswith("execute"))
+    return max((actor.stream.channel.queue.qsize() for actor in agent._actors), default=0)
+
+
+async def test_saturated_executors_leave_the_backlog_in_kafka_not_in_the_workers_memory(
+    engine_factory: EngineFactory,
+) -> None:
+    """Without admission limits every attempt is published at once; the execute agent still
+    fetches only a few beyond what its executors run, so the backlog stays in the topic."""
+    async with (
+        engine_factory(python_concurrency=2, executor_concurrency=2, admission=Limits()) as engine,
+        reading_run_events(engine.settings.kafka) as events,
+    ):
+        run_ids = await start_runs(engine, fan_out("backlog", 20), "acme", 5)  # 100 attempts
+        most = 0
+        while len(events.completed) < len(run_ids):
+            most = max(most, fetched_tasks(engine))
+            await asyncio.sleep(0.02)
+        assert events.failed == []
+    assert 0 < most <= 2 * 2
