@@ -67,11 +67,16 @@ class Admission:
         self.parked = 0
 
     def offer(self, attempt: Attempt) -> bool:
-        """True if the attempt may be dispatched now; False if it waits, or is known already
-        (a republished event: it was dispatched or parked the first time)."""
+        """True if the attempt may be dispatched now, False if it waits.
+
+        An attempt offered again (its event republished after a failed batch or a restart) is
+        not counted twice: in flight, it is dispatched again, as a failed batch may not have
+        delivered it (at least once); waiting, it still waits.
+        """
         run = self._known.setdefault(attempt.run_id, {})
-        if attempt.attempt_id in run:
-            return False
+        known = run.get(attempt.attempt_id)
+        if known is not None:
+            return not known.parked
         run[attempt.attempt_id] = attempt
         # Nothing parked is ever admissible (every freed slot is offered to the parked first),
         # so an attempt within its limits overtakes no one.

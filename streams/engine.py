@@ -155,7 +155,7 @@ class Engine:
         self._local_attempts: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self._tasks: list[asyncio.Task[Any]] = []
         self.admission = Admission(settings.admission)
-        self._released: list[Attempt] = []  # admitted by the outbox, to dispatch with its batch
+        self._released: list[Attempt] = []  # admitted in place of ended ones, to dispatch
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -390,6 +390,7 @@ class Engine:
                 self._runs.pop(run_id, None)
         deliveries.extend(await self._dispatch_released())
         await asyncio.gather(*deliveries)
+        self._released.clear()
         ledger.position = int(batch[-1][0])
         if ledger.due():
             await self._in_store(ledger.flush, self.ledger)
@@ -465,13 +466,14 @@ class Engine:
             self._released.extend(self.admission.end_run(envelope.run_id))
 
     async def _dispatch_released(self) -> list[asyncio.Future[Any]]:
-        """Dispatch the admitted attempts, their tasks loaded from their NodeScheduled events."""
+        """Dispatch the attempts admitted in place of ended ones, their tasks loaded from their
+        NodeScheduled events. The caller clears `_released` once the deliveries are done: a batch
+        that fails is published again, and its released attempts dispatched again."""
         if not self._released:
             return []
         assert self.store is not None
-        released = list(self._released)  # kept until loaded, in case loading fails
+        released = list(self._released)
         payloads = await self._in_store(_scheduled_payloads, self.store, released)
-        del self._released[: len(released)]
         return [
             await self._dispatch(task_from_event(a.run_id, a.tenant, a.workflow, payload))
             for a, payload in zip(released, payloads, strict=True)
@@ -599,6 +601,7 @@ class Engine:
             for timer_id, timer in run.timers.items():
                 self.timers.arm(timer_id, run.run_id, run.tenant, dt.datetime.fromisoformat(timer["due_at"]))
         await asyncio.gather(*deliveries)
+        self._released.clear()
         if runs:
             log.info(
                 "reconciled %d active run(s): %d attempt(s) dispatched again, %d waiting, %d timer(s)",

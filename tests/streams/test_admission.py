@@ -129,11 +129,13 @@ def test_a_failed_or_cancelled_run_frees_all_its_slots_and_drops_its_waiting_att
     assert admission.in_flight == 1
 
 
-def test_a_republished_attempt_is_not_admitted_twice_and_an_unknown_end_is_ignored() -> None:
+def test_an_attempt_offered_again_is_counted_once_and_an_unknown_end_is_ignored() -> None:
+    """A republished NodeScheduled: in flight, it is dispatched again (the batch that dispatched
+    it may have failed to deliver it); waiting, it keeps its place."""
     admission = Admission(Limits(tenant=1))
     first, second = attempt(n=1), attempt(n=2)
     assert admission.offer(first)
-    assert not admission.offer(attempt(n=1))  # the same attempt, from a republished event
+    assert admission.offer(attempt(n=1))
     assert not admission.offer(second)
     assert not admission.offer(attempt(n=2))
     assert (admission.in_flight, admission.parked) == (1, 1)
