@@ -18,6 +18,7 @@ from nodes.http import HttpExecutor
 from nodes.javascript import JavaScriptExecutor
 from nodes.python import PythonExecutor
 from nodes.secrets import EnvironmentSecrets, FileSecrets, SecretStore
+from streams.admission import Limits
 from streams.broker import EmbeddedBroker
 from streams.engine import Engine, EngineSettings
 from streams.kafka import KafkaSettings, ensure_topics
@@ -72,6 +73,11 @@ async def running_stack(
             group=settings.group,
             snapshot_interval=settings.snapshot_interval,
             executor_concurrency=settings.executor_concurrency,
+            admission=Limits(
+                tenant=settings.tenant_concurrency,
+                workflow=settings.workflow_concurrency,
+                node_types=settings.node_type_concurrency,
+            ),
         ),
         executors,
     )
@@ -97,16 +103,21 @@ async def running_stack(
 
 def executor_registry(settings: Settings) -> ExecutorRegistry:
     secrets: SecretStore = FileSecrets(settings.secrets_dir) if settings.secrets_dir else EnvironmentSecrets()
-    concurrency = settings.executor_concurrency
+
+    def concurrency(node_type: str) -> int:
+        # A node type's limit also caps its executor here, so one worker never runs more of it.
+        limit = settings.node_type_concurrency.get(node_type, settings.executor_concurrency)
+        return min(settings.executor_concurrency, limit)
+
     return ExecutorRegistry(
         [
             PythonExecutor(
-                max_concurrency=concurrency,
+                max_concurrency=concurrency("python"),
                 allow_network=settings.allow_network,
                 hidden_paths=[str(settings.home)],
             ),
-            JavaScriptExecutor(max_concurrency=concurrency),
-            HttpExecutor(secrets, max_concurrency=concurrency),
+            JavaScriptExecutor(max_concurrency=concurrency("javascript")),
+            HttpExecutor(secrets, max_concurrency=concurrency("http")),
         ]
     )
 

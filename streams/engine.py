@@ -18,9 +18,9 @@ import datetime as dt
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
@@ -31,11 +31,12 @@ from opentelemetry.trace import SpanContext
 from pydantic import ValidationError
 
 from aggregates.ledger import Ledger, open_ledger
-from aggregates.run import ACTIVE_RUN, Run
+from aggregates.run import ACTIVE_RUN, Run, run_uuid
 from aggregates.store import REJECTED, RunStore
 from nodes.base import ExecutorRegistry
 from schemas.envelope import Envelope, EnvelopeError, decode, encode
 from schemas.tasks import NodeOutcome, NodeTask
+from streams.admission import Admission, Attempt, Limits
 from streams.clock import Clock, SystemClock
 from streams.kafka import (
     COMMANDS,
@@ -74,13 +75,14 @@ class EngineSettings:
     executor_concurrency: int = 8
     start_report_seconds: float = 0.1
     reconcile: bool = True
+    # Attempts in flight per tenant, workflow and node type (engine-wide); none by default here.
+    admission: Limits = field(default_factory=Limits)
 
 
 def event_envelope(domain_event: Any, tenant: str) -> Envelope:
     """The wire form of a committed run event; its id (run:version) is stable across republishing."""
     run_id = str(domain_event.originator_id)
     version = int(domain_event.originator_version)
-    payload = {k: v for k, v in domain_event.__dict__.items() if k not in _EVENT_META}
     return Envelope(
         id=f"{run_id}:{version}",
         type=type(domain_event).__name__,
@@ -88,8 +90,12 @@ def event_envelope(domain_event: Any, tenant: str) -> Envelope:
         tenant=tenant,
         time=domain_event.timestamp,
         version=version,
-        payload=payload,
+        payload=event_payload(domain_event),
     )
+
+
+def event_payload(domain_event: Any) -> dict[str, Any]:
+    return {k: v for k, v in domain_event.__dict__.items() if k not in _EVENT_META}
 
 
 def task_from_event(run_id: str, tenant: str, workflow: str, payload: dict[str, Any]) -> NodeTask:
@@ -175,6 +181,8 @@ class Engine:
         # In-process listeners of what the outbox publishes: (position, event) batches of committed
         # events, as they are sent (the gateway's live subscriptions, without a hop through the broker).
         self.published_listeners: list[Callable[[list[tuple[int, Envelope]]], None]] = []
+        self.admission = Admission(settings.admission)
+        self._released: list[Attempt] = []  # admitted in place of ended ones, to dispatch
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -282,6 +290,10 @@ class Engine:
             value_serializer="raw",
             partitions=settings.kafka.partitions,
         )
+        # Fetched tasks waiting for an executor: when they fill this, the consumer stops fetching
+        # (the lag stays in Kafka) instead of buffering Faust's default of thousands in memory.
+        # Set on the topic itself: Faust 0.15's app.topic() drops its maxsize argument.
+        tasks.maxsize = 2 * settings.executor_concurrency
         app.agent(commands, name="decide")(self._decide_agent)
         app.agent(tasks, name="execute", concurrency=settings.executor_concurrency)(self._execute_agent)
         return app
@@ -424,6 +436,7 @@ class Engine:
             deliveries.append(await self._send(self._topic(RUN_EVENTS), run_id, encode(envelope)))
             published.append((int(position_of_event), envelope))
             deliveries.extend(await self._follow_up(envelope, identity))
+            self._end_attempts(envelope)
             if envelope.type == "Started":
                 ledger.started.append(run_id)
             elif envelope.type in TERMINAL_EVENTS:
@@ -431,7 +444,9 @@ class Engine:
                 self._runs.pop(run_id, None)
         for listener in self.published_listeners:
             listener(published)  # committed, so safe to show before the broker acknowledges
+        deliveries.extend(await self._dispatch_released())
         await asyncio.gather(*deliveries)
+        self._released.clear()
         ledger.position = int(batch[-1][0])
         if ledger.due():
             await self._in_store(ledger.flush, self.ledger)
@@ -474,13 +489,7 @@ class Engine:
             return [await self._send(self._topic(COMMANDS), command.run_id, encode(command))]
         if envelope.type == "NodeScheduled":
             if not payload["inline"]:
-                task = task_from_event(envelope.run_id, envelope.tenant, workflow, payload)
-                self._dispatch_here(task)
-                return [
-                    await self._send(
-                        self._topic(NODE_TASKS), envelope.run_id, task.model_dump_json().encode()
-                    )
-                ]
+                return await self._admit(envelope, workflow)
             if payload["node_type"] == "log":
                 self._log_attempts.add(payload["attempt_id"])
         elif envelope.type in TIMER_EVENTS and payload.get("timer_id") and payload.get("due_at"):
@@ -502,6 +511,43 @@ class Engine:
                 output.get("message"),
             )
         return []
+
+    async def _admit(self, scheduled: Envelope, workflow: str) -> list[asyncio.Future[Any]]:
+        """Dispatch a scheduled attempt if admission lets it go now; else it waits (in the store)."""
+        payload = scheduled.payload
+        assert scheduled.version is not None  # every committed event has one
+        attempt = Attempt(
+            run_id=scheduled.run_id,
+            attempt_id=payload["attempt_id"],
+            tenant=scheduled.tenant,
+            workflow=workflow,
+            node_type=payload["node_type"],
+            version=scheduled.version,
+        )
+        if not self.admission.offer(attempt):
+            return []
+        return [await self._dispatch(task_from_event(scheduled.run_id, scheduled.tenant, workflow, payload))]
+
+    def _end_attempts(self, envelope: Envelope) -> None:
+        """A result, or the end of a run, frees admission slots: collect who takes them."""
+        if envelope.type in ("NodeSucceeded", "NodeFailed"):
+            self._released.extend(self.admission.end(envelope.run_id, envelope.payload["attempt_id"]))
+        elif envelope.type in TERMINAL_EVENTS:
+            self._released.extend(self.admission.end_run(envelope.run_id))
+
+    async def _dispatch_released(self) -> list[asyncio.Future[Any]]:
+        """Dispatch the attempts admitted in place of ended ones, their tasks loaded from their
+        NodeScheduled events. The caller clears `_released` once the deliveries are done: a batch
+        that fails is published again, and its released attempts dispatched again."""
+        if not self._released:
+            return []
+        assert self.store is not None
+        released = list(self._released)
+        payloads = await self._in_store(_scheduled_payloads, self.store, released)
+        return [
+            await self._dispatch(task_from_event(a.run_id, a.tenant, a.workflow, payload))
+            for a, payload in zip(released, payloads, strict=True)
+        ]
 
     async def _run_identity(self, run_id: str, domain_event: Any) -> RunIdentity:
         if type(domain_event).__name__ == "Started":
@@ -533,6 +579,11 @@ class Engine:
         await self.submit(command)
 
     # ---- execute ---------------------------------------------------------
+
+    async def _dispatch(self, task: NodeTask) -> asyncio.Future[Any]:
+        """Hand a task to the executors: here at once if possible, and always through the broker."""
+        self._dispatch_here(task)
+        return await self._send(self._topic(NODE_TASKS), task.run_id, task.model_dump_json().encode())
 
     def _dispatch_here(self, task: NodeTask) -> None:
         """Start a task on this worker's executors at once, without waiting for the broker.
@@ -614,29 +665,15 @@ class Engine:
     # ---- reconcile -------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Dispatch unfinished attempts and re-arm timers of every active run (after any restart)."""
+        """Offer unfinished attempts to admission again and re-arm timers of every active run
+        (after any restart): what fits is dispatched, the rest waits as before the restart."""
         assert self.ledger is not None and self.store is not None
         active = await self._in_store(self.ledger.active_runs)
         runs: list[Run] = await self._in_store(_load_runs, self.store, active)
-        deliveries = []
+        attempts = await self._in_store(_unfinished_attempts, self.store, runs)
+        self._released.extend(a for a in attempts if self.admission.offer(a))
+        deliveries = await self._dispatch_released()
         for run in runs:
-            for attempt in run.unfinished_attempts():
-                node = attempt["node"]
-                task = NodeTask(
-                    run_id=run.run_id,
-                    tenant=run.tenant,
-                    workflow=run.workflow,
-                    node_id=node.id,
-                    node_type=node.type,
-                    attempt=attempt["attempt"],
-                    attempt_id=attempt["attempt_id"],
-                    config=node.config,
-                    inputs=attempt["inputs"],
-                    timeout_seconds=node.timeout_seconds,
-                )
-                deliveries.append(
-                    await self._send(self._topic(NODE_TASKS), run.run_id, task.model_dump_json().encode())
-                )
             for timer_id, timer in run.timers.items():
                 self.timers.arm(timer_id, run.run_id, run.tenant, dt.datetime.fromisoformat(timer["due_at"]))
             for request in run.waiting_children():
@@ -644,11 +681,13 @@ class Engine:
                 command = await self._in_store(_child_progress, self.store, run, request)
                 deliveries.append(await self._send(self._topic(COMMANDS), command.run_id, encode(command)))
         await asyncio.gather(*deliveries)
+        self._released.clear()
         if runs:
             log.info(
-                "reconciled %d active run(s): %d attempt(s) dispatched again, %d timer(s)",
+                "reconciled %d active run(s): %d attempt(s) dispatched again, %d waiting, %d timer(s)",
                 len(runs),
                 len(deliveries),
+                self.admission.parked,
                 len(self.timers),
             )
 
@@ -741,6 +780,45 @@ def _child_progress(store: RunStore, parent: Run, request: dict[str, Any]) -> En
         return start_child(parent.run_id, parent.tenant, request)  # a duplicate: changes nothing
     assert child.parent is not None
     return child_result(child.parent, child.tenant, child.run_id, child.status, child.outputs, child.error)
+
+
+def _unfinished_attempts(store: RunStore, runs: list[Run]) -> list[Attempt]:
+    """The attempts the runs wait for, each with the version of the event that scheduled it."""
+    attempts: list[Attempt] = []
+    for run in runs:
+        wanted = {a["attempt_id"] for a in run.unfinished_attempts()}
+        if not wanted:
+            continue
+        found = []
+        # Newest first: an unfinished attempt was scheduled after everything that finished.
+        events: Iterator[Any] = store.events.get(run_uuid(run.run_id), desc=True)
+        for event in events:
+            if type(event).__name__ == "NodeScheduled" and event.attempt_id in wanted:
+                wanted.discard(event.attempt_id)
+                version = int(event.originator_version)
+                found.append(
+                    Attempt(
+                        run_id=run.run_id,
+                        attempt_id=event.attempt_id,
+                        tenant=run.tenant,
+                        workflow=run.workflow,
+                        node_type=event.node_type,
+                        version=version,
+                    )
+                )
+                if not wanted:
+                    break
+        attempts.extend(reversed(found))
+    return attempts
+
+
+def _scheduled_payloads(store: RunStore, attempts: list[Attempt]) -> list[dict[str, Any]]:
+    """The NodeScheduled payloads (the tasks) of the attempts, one indexed read each."""
+    payloads = []
+    for attempt in attempts:
+        (event,) = store.events.get(run_uuid(attempt.run_id), gt=attempt.version - 1, lte=attempt.version)
+        payloads.append(event_payload(event))
+    return payloads
 
 
 def _is_text(value: bytes) -> bool:

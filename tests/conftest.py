@@ -16,6 +16,7 @@ from nodes.http import HttpExecutor
 from nodes.javascript import JavaScriptExecutor
 from nodes.python import PythonExecutor
 from nodes.secrets import EnvironmentSecrets
+from streams.admission import Limits
 from streams.broker import EmbeddedBroker
 from streams.engine import Engine, EngineSettings
 from streams.kafka import KafkaSettings
@@ -58,10 +59,15 @@ EngineFactory = Callable[..., contextlib.AbstractAsyncContextManager[Engine]]
 def engine_factory(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> EngineFactory:
     @contextlib.asynccontextmanager
     async def start(
-        store_url: str | None = None, kafka: KafkaSettings | None = None, **overrides: Any
+        store_url: str | None = None,
+        kafka: KafkaSettings | None = None,
+        python_concurrency: int = 4,
+        **overrides: Any,
     ) -> AsyncIterator[Engine]:
         home = tmp_path_factory.mktemp("engine")
         kafka = kafka or kafka_for(bootstrap)
+        # Admission as `citadel up` sets it: a tenant may keep four rounds of the executors busy.
+        overrides.setdefault("admission", Limits(tenant=4 * python_concurrency))
         settings = EngineSettings(
             kafka=kafka,
             store_url=store_url or f"sqlite:///{home}/events.db",
@@ -71,7 +77,7 @@ def engine_factory(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
         )
         executors = ExecutorRegistry(
             [
-                PythonExecutor(max_concurrency=4),
+                PythonExecutor(max_concurrency=python_concurrency),
                 JavaScriptExecutor(max_concurrency=2),
                 HttpExecutor(EnvironmentSecrets(), max_concurrency=4),
             ]
