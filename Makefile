@@ -28,6 +28,7 @@ lint: install
 
 bench: install
 	$(BIN)/citadel bench chain40
+	$(BIN)/citadel bench long10
 	$(BIN)/citadel bench throughput
 
 clean:
