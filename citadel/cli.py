@@ -128,16 +128,20 @@ def run(
             where = "".join(f".{p}" for p in problem.absolute_path)
             err.print(f"  [bold]input{where}[/bold]: {problem.message}")
         raise typer.Exit(EXIT_INVALID)
+    _run_and_report(start_command(definition, run_input, tenant), "run", timeout, json_output)
+
+
+def _run_and_report(command: Envelope, what: str, timeout: float, json_output: bool) -> None:
+    """Submit a StartRun, follow the run to its end, print it; exit 1 failed, 2 rejected, 3 timeout."""
     settings = Settings.from_env()
     _setup_logging(settings)
-    command = start_command(definition, run_input, tenant)
     try:
         report = asyncio.run(asyncio.wait_for(_run(settings, command), timeout))
     except TimeoutError:
         err.print(f"[red]run {command.run_id} did not finish within {timeout:g}s[/red]")
         raise typer.Exit(EXIT_TIMEOUT) from None
     except CommandRejected as exc:
-        err.print(f"[red]the engine rejected the run: {exc}[/red]")
+        err.print(f"[red]the engine rejected the {what}: {exc}[/red]")
         raise typer.Exit(EXIT_INVALID) from None
     _print_report(report, json_output)
     if report.status != "completed":
@@ -611,21 +615,9 @@ def runs_rerun(
     if definition not in ("original", "current"):
         err.print(f"[red]--definition must be original or current, not {definition!r}[/red]")
         raise typer.Exit(EXIT_INVALID)
-    settings = Settings.from_env()
-    _setup_logging(settings)
     rerun = {"run_id": run_id, "from_node": from_node, "definition": definition}
     command = Envelope.new("StartRun", str(uuid.uuid4()), {"rerun": rerun}, tenant=tenant)
-    try:
-        report = asyncio.run(asyncio.wait_for(_run(settings, command), timeout))
-    except TimeoutError:
-        err.print(f"[red]run {command.run_id} did not finish within {timeout:g}s[/red]")
-        raise typer.Exit(EXIT_TIMEOUT) from None
-    except CommandRejected as exc:
-        err.print(f"[red]the engine rejected the rerun: {exc}[/red]")
-        raise typer.Exit(EXIT_INVALID) from None
-    _print_report(report, json_output)
-    if report.status != "completed":
-        raise typer.Exit(EXIT_FAILED)
+    _run_and_report(command, "rerun", timeout, json_output)
 
 
 def _with_store(read: Any) -> Any:
