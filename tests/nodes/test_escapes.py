@@ -224,7 +224,8 @@ async def test_a_fork_bomb_is_killed_at_its_timeout_and_leaves_no_process_behind
 
     assert outcome.error_class == "Timeout"
     assert "its process group was killed" in (outcome.error_message or "")
-    assert await eventually(lambda: sandbox_processes(engine) <= before)
+    # The kernel reaps the ~500 killed processes one by one; on a loaded host that takes seconds.
+    assert await eventually(lambda: sandbox_processes(engine) <= before, within=15.0)
 
 
 @pytest.mark.xfail(
