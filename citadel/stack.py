@@ -58,7 +58,9 @@ async def running_stack(
             broker = EmbeddedBroker(log_path=str(settings.home / "broker.log"), detached=keep_broker)
             await broker.start_async()
             if keep_broker:
-                _broker_file(settings).write_text(json.dumps({"port": broker.port, "pid": broker.pid}))
+                _write_atomically(
+                    _broker_file(settings), json.dumps({"port": broker.port, "pid": broker.pid})
+                )
         bootstrap = broker.bootstrap
     else:
         assert settings.kafka is not None
@@ -149,7 +151,14 @@ def announce(stack: Stack) -> None:
         "namespace": stack.kafka.namespace,
         "event_store": stack.settings.event_store,
     }
-    engine_file(stack.settings).write_text(json.dumps(info))
+    _write_atomically(engine_file(stack.settings), json.dumps(info))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers (`citadel run`, the broker's adopter) never see the file half written."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def withdraw(settings: Settings) -> None:

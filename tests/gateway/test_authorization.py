@@ -153,7 +153,9 @@ async def test_another_tenants_ids_are_denied_exactly_like_ids_that_do_not_exist
         assert codes(theirs) == {"NOT_FOUND"}, (name, theirs)
         assert theirs["data"] is None
         text = json.dumps(theirs)
-        assert not any(bit in text for bit in secret_bits), (name, text)
+        # A random run id may hold "36" itself: look for the secrets in what is not the id.
+        answer = text.replace(ids["done"], "ID").replace(ids["waiting"], "ID")
+        assert not any(bit in answer for bit in secret_bits), (name, text)
         # Word for word the answer for an id that exists nowhere, but for the id itself.
         assert text.replace(ids["done"], "ID").replace(ids["waiting"], "ID") == json.dumps(nothing).replace(
             missing["done"], "ID"
