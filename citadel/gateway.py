@@ -1,7 +1,8 @@
 """Wiring of the gateway into a running engine: its backend, keys, metrics and readiness, served by uvicorn.
 
 The gateway runs in the engine's process (`citadel up`, `citadel worker`): live subscriptions
-take run events straight from the engine's outbox, and in embedded mode it reads the chDB
+take run events straight from the engine's outbox while it publishes (and, where several
+workers share the store, from `citadel.run-events`), and in embedded mode it reads the chDB
 projections through a connection of this same process (chDB's data directory belongs to one).
 """
 
@@ -24,7 +25,7 @@ from citadel.settings import Settings
 from gateway.app import GatewayConfig, create_app
 from gateway.auth import TokenKeys, issue_token
 from gateway.backend import Backend
-from gateway.live import RunEventHub
+from gateway.live import KafkaTail, RunEventHub
 from gateway.metrics import GatewayMetrics
 from projections.clickhouse import Connection
 from projections.queries import Analytics
@@ -72,12 +73,19 @@ class _Server(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    settings: Settings, engine: Engine, projector: RunningProjector | None
+    settings: Settings, engine: Engine, projector: RunningProjector | None, tail: bool | None = None
 ) -> AsyncIterator[RunningGateway]:
-    """Serve the gateway on the settings' host and port (0: any free port) until the block ends."""
+    """Serve the gateway on the settings' host and port (0: any free port) until the block ends.
+
+    Live events come from this engine's outbox while it publishes; with `tail` (by default in
+    production, where other workers may publish) also from `citadel.run-events` itself."""
     keys = token_keys(settings)
     hub = RunEventHub()
     engine.published_listeners.append(hub.publish)
+    engine.rejected_listeners.append(hub.reject)
+    kafka_tail = (
+        KafkaTail(engine.settings.kafka, hub) if (not settings.embedded if tail is None else tail) else None
+    )
     metrics = GatewayMetrics({t: settings.executor_concurrency for t in engine.executors.node_types})
     hub.listeners.append(metrics.observe)
     connection = None
@@ -113,6 +121,8 @@ async def running_gateway(
     )
     serving = asyncio.create_task(server.serve())
     try:
+        if kafka_tail is not None:
+            await kafka_tail.start()
         while not server.started:
             if serving.done():
                 serving.result()  # the port is taken, say: raise why
@@ -125,6 +135,9 @@ async def running_gateway(
         yield RunningGateway(f"http://{settings.gateway_host}:{port}", backend, keys, token)
     finally:
         engine.published_listeners.remove(hub.publish)
+        engine.rejected_listeners.remove(hub.reject)
+        if kafka_tail is not None:
+            await kafka_tail.stop()
         server.should_exit = True
         with contextlib.suppress(Exception):
             await serving

@@ -208,19 +208,32 @@ class Backend:
         return await self.rerun(who, run_id, node_id, "original", idempotency_key)
 
     async def _start(self, who: Principal, run_id: str, payload: dict[str, Any]) -> RunTicket:
-        """Start a run and answer once it exists, so the caller may query or watch it at once."""
-        with self.hub.subscribe(lambda event: event.run_id == run_id) as live:
-            ticket = await self._send(who, "StartRun", run_id, payload)
+        """Start a run and answer once it exists, so the caller may query or watch it at once;
+        or at once with the engine's reason if it rejects the start."""
+        command = Envelope.new("StartRun", run_id, payload, tenant=who.tenant)
+        with (
+            self.hub.subscribe(lambda event: event.run_id == run_id) as live,
+            self.hub.rejection(command.id) as rejected,
+        ):
+            await self.submit(command)
             if (await self.runs(who, [run_id]))[0] is None:  # new, not an idempotent repeat
+                started = asyncio.ensure_future(live.get())
+                either: set[asyncio.Future[Any]] = {started, rejected}
                 try:
-                    await asyncio.wait_for(live.get(), self.start_timeout)
-                except TimeoutError:
+                    await asyncio.wait(
+                        either, timeout=self.start_timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    started.cancel()
+                if rejected.done() and not rejected.cancelled():
+                    raise GatewayError(f"the engine rejected the start: {rejected.result()}", "REJECTED")
+                if not started.done() or started.cancelled():
                     raise GatewayError(
                         f"run {run_id} has not started within {self.start_timeout:g} s: the engine is "
-                        "busy or rejected it; query it later",
+                        "busy; query it later",
                         "NOT_STARTED",
-                    ) from None
-        return ticket
+                    )
+        return RunTicket(run_id, command.id)
 
     async def _send(self, who: Principal, kind: str, run_id: str, payload: dict[str, Any]) -> RunTicket:
         command = Envelope.new(kind, run_id, payload, tenant=who.tenant)

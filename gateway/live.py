@@ -1,8 +1,13 @@
 """Live run events for subscriptions: an in-process fan-out, and history then live with no gap.
 
 The hub is fed with every run event once the broker has it: in the engine's own process by
-the outbox itself (`Engine.published_listeners`, no hop), elsewhere by `KafkaTail`, one
-consumer of `citadel.run-events` from its end. A subscription subscribes to the hub first
+the outbox itself (`Engine.published_listeners`, no hop) while this process publishes, and by
+`KafkaTail`, one consumer of `citadel.run-events` from its end, where another process may
+publish (several workers, or a gateway without an engine). The hub passes each (run, version)
+on once, whichever source brings it first. It also hears of rejected commands (the engine's
+dead letters), so a caller waiting for a run to start learns at once that it never will.
+
+A subscription subscribes to the hub first
 and buffers, then reads the event store, then goes on with the buffer, skipping what it has
 already sent: every event committed after the read is in the buffer, every one before it in
 the read, so nothing is missed and nothing is sent twice (by (run, version)).
@@ -17,10 +22,11 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.envelope import Envelope, EnvelopeError, decode
-from streams.kafka import RUN_EVENTS, KafkaSettings
+from streams.kafka import COMMANDS, DEAD_LETTERS, RUN_EVENTS, KafkaSettings
 
 log = logging.getLogger(__name__)
 TERMINAL = frozenset({"Completed", "Failed", "Cancelled"})
@@ -46,13 +52,18 @@ class Subscriber:
 class RunEventHub:
     """Fan-out of published run events to every in-process subscriber whose filter wants them."""
 
-    def __init__(self, capacity: int = 10_000) -> None:
+    def __init__(self, capacity: int = 10_000, remembered: int = 100_000) -> None:
         self.capacity = capacity
         self.subscribers: set[Subscriber] = set()
         self.listeners: list[Callable[[list[Positioned]], None]] = []  # called in line (metrics)
+        self._seen: OrderedDict[tuple[str, int | None], None] = OrderedDict()
+        self._remembered = remembered
+        self._rejections: dict[str, asyncio.Future[str]] = {}
 
     def publish(self, batch: list[tuple[int, Envelope]] | list[Positioned]) -> None:
-        items: list[Positioned] = list(batch)
+        items: list[Positioned] = [item for item in batch if self._first_time(item[1])]
+        if not items:
+            return
         for listener in self.listeners:
             listener(items)
         for subscriber in list(self.subscribers):
@@ -63,6 +74,32 @@ class RunEventHub:
                     subscriber.queue.put_nowait(item)
                 except asyncio.QueueFull:
                     subscriber.overflowed = True
+
+    def _first_time(self, event: Envelope) -> bool:
+        key = (event.run_id, event.version)
+        if key in self._seen:
+            return False
+        self._seen[key] = None
+        if len(self._seen) > self._remembered:
+            self._seen.popitem(last=False)
+        return True
+
+    def reject(self, command_id: str, reason: str) -> None:
+        """The engine rejected a command: tell whoever waits for it."""
+        waiting = self._rejections.get(command_id)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(reason)
+
+    @contextlib.contextmanager
+    def rejection(self, command_id: str) -> Iterator[asyncio.Future[str]]:
+        """A future that gets the reason if the engine rejects the command, while the block runs."""
+        waiting: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._rejections[command_id] = waiting
+        try:
+            yield waiting
+        finally:
+            del self._rejections[command_id]
+            waiting.cancel()
 
     @contextlib.contextmanager
     def subscribe(self, wanted: Callable[[Envelope], bool]) -> Iterator[Subscriber]:
@@ -147,7 +184,7 @@ async def follow_runs(
 
 
 class KafkaTail:
-    """Feeds the hub from `citadel.run-events` when the engine runs in another process.
+    """Feeds the hub from `citadel.run-events`, and its rejections from `citadel.dead-letters`.
 
     One consumer in no group, on every partition from the end at start: what was committed
     before is read from the event store by each subscription."""
@@ -163,27 +200,48 @@ class KafkaTail:
             bootstrap_servers=self.kafka.bootstrap,
             group_id=None,
             enable_auto_commit=False,
-            fetch_max_wait_ms=20,
+            fetch_max_wait_ms=self.kafka.fetch_wait_busy_ms,
         )
         await consumer.start()
-        partitions = [TopicPartition(self.kafka.topic(RUN_EVENTS), p) for p in range(self.kafka.partitions)]
-        consumer.assign(partitions)
-        await consumer.seek_to_end(*partitions)
+        try:
+            partitions = [
+                TopicPartition(self.kafka.topic(topic), p)
+                for topic in (RUN_EVENTS, DEAD_LETTERS)
+                for p in range(self.kafka.partitions)
+            ]
+            consumer.assign(partitions)
+            await consumer.seek_to_end(*partitions)
+        except BaseException:
+            await consumer.stop()
+            raise
         self._consumer = consumer
         self._task = asyncio.create_task(self._run(consumer))
 
     async def _run(self, consumer: AIOKafkaConsumer) -> None:
+        run_events, dead_letters = self.kafka.topic(RUN_EVENTS), self.kafka.topic(DEAD_LETTERS)
         while True:
             batches: dict[Any, Any] = await consumer.getmany(timeout_ms=500, max_records=1000)
             events: list[Positioned] = []
-            for messages in batches.values():
+            for partition, messages in batches.items():
                 for message in messages:
-                    try:
-                        events.append((None, decode(message.value)))
-                    except EnvelopeError:
-                        continue
+                    if partition.topic == run_events:
+                        try:
+                            events.append((None, decode(message.value)))
+                        except EnvelopeError:
+                            continue
+                    elif partition.topic == dead_letters:
+                        self._rejected(message.value)
             if events:
                 self.hub.publish(events)
+
+    def _rejected(self, value: bytes | None) -> None:
+        """A dead-lettered command: its id and the reason, if the letter holds a command."""
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+            letter = orjson.loads(value or b"{}")
+            if letter.get("topic") == COMMANDS:
+                command_id = orjson.loads(letter.get("value") or "{}").get("id")
+                if isinstance(command_id, str):
+                    self.hub.reject(command_id, str(letter.get("reason")))
 
     async def stop(self) -> None:
         if self._task is not None:

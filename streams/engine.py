@@ -181,6 +181,8 @@ class Engine:
         # In-process listeners of what the outbox publishes: (position, event) batches of committed
         # events, as they are sent (the gateway's live subscriptions, without a hop through the broker).
         self.published_listeners: list[Callable[[list[tuple[int, Envelope]]], None]] = []
+        self.rejected_listeners: list[Callable[[str, str], None]] = []  # (command id, reason)
+        self.publishing = False  # whether this worker's outbox leads (one per store)
         self.admission = Admission(settings.admission)
         self._released: list[Attempt] = []  # admitted in place of ended ones, to dispatch
 
@@ -350,6 +352,8 @@ class Engine:
 
     async def _rejected(self, command: Envelope, reason: str) -> None:
         await self.dead_letter(COMMANDS, _Raw(command), reason)
+        for listener in self.rejected_listeners:
+            listener(command.id, reason)
         parent = command.payload.get("parent") if command.type == "StartRun" else None
         if isinstance(parent, dict):
             # A child that cannot start (workflow not deployed, bad input) fails its parent's node,
@@ -377,6 +381,7 @@ class Engine:
         while not await self._in_store(self.ledger.try_lead):
             self._handoff.clear()
             await asyncio.sleep(1.0)
+        self.publishing = True
         log.info("this worker publishes the run events of %s", self.settings.store_url)
         if self.settings.reconcile:
             await self.reconcile()
@@ -392,6 +397,7 @@ class Engine:
                     log.exception("publishing run events failed; retrying from position %d", position)
                     await asyncio.sleep(1.0)
         finally:
+            self.publishing = False
             # A clean stop hands over exactly where it got to (a crash republishes a little).
             if ledger.pending:
                 await self._in_store(ledger.flush, self.ledger)
