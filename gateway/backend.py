@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -84,8 +85,10 @@ class Backend:
         submit: Submit,
         hub: RunEventHub,
         analytics: Analytics | None,
+        pause_projector: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
         self.store = store
+        self.pause_projector = pause_projector
         self.submit = submit
         self.hub = hub
         self.analytics = analytics
@@ -296,9 +299,20 @@ class Backend:
         return self.analytics
 
     async def rebuild_projections(self) -> int:
-        """Every projection rebuilt from the event store and swapped in (admin only; see README)."""
+        """Every projection rebuilt from the event store and swapped in (admin only; see README).
+
+        The live projector of this process pauses meanwhile and goes on from where it was, into
+        the new tables: nothing it would have written during the rebuild is lost with the old
+        ones. A projector in another process cannot be paused from here, so then this refuses."""
         analytics = self._analytics()
-        return await self.in_clickhouse(lambda: rebuild(analytics.client, history(self.store)))
+        if self.pause_projector is None:
+            raise GatewayError(
+                "no projector runs in this gateway's process, and rebuilding while another process "
+                "projects would lose its writes: stop the projector and run `citadel replay projections`",
+                "UNAVAILABLE",
+            )
+        async with self.pause_projector():
+            return await self.in_clickhouse(lambda: rebuild(analytics.client, history(self.store)))
 
     # ---- subscriptions ---------------------------------------------------
 

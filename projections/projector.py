@@ -10,10 +10,11 @@ gets the batch again, and the projection drops what it already holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +94,7 @@ class Projector:
         self.on_written: list[WrittenHook] = []
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citadel-projector")
         self._app: Any = None
+        self._writing = asyncio.Lock()
 
     def register(self, app: Any, topic: str, partitions: int) -> None:
         """Add the projector's agent to a Faust app (before the app starts)."""
@@ -114,6 +116,10 @@ class Projector:
             except EnvelopeError as exc:
                 self.metrics.undecodable += 1
                 log.warning("projector skips an undecodable run event at offset %s: %s", message.offset, exc)
+        async with self._writing:
+            await self._write(messages, envelopes)
+
+    async def _write(self, messages: Sequence[Any], envelopes: list[Envelope]) -> None:
         loop = asyncio.get_running_loop()
         while True:
             duplicates = self.projection.duplicates
@@ -140,6 +146,16 @@ class Projector:
         self._update_highwaters()
         for hook in self.on_written:
             hook(envelopes, now)
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No batch is written while the block runs (the agent waits, its lag grows); after
+        it, the projection reads the tables afresh, since the block may have replaced them."""
+        async with self._writing:
+            try:
+                yield
+            finally:
+                self.projection.forget()
 
     def _update_highwaters(self) -> None:
         app = self._app
