@@ -367,11 +367,17 @@ class RerunDefinition(enum.Enum):
 
 
 def _window(since: dt.datetime | None, until: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
+    _zoned(since=since, until=until)
     end = until or dt.datetime.now(dt.UTC)
     start = since or end - dt.timedelta(days=1)
-    if start.tzinfo is None or end.tzinfo is None:
-        raise GatewayError("`since` and `until` need a time zone (e.g. 2026-01-01T00:00:00Z)", "BAD_REQUEST")
     return start, end
+
+
+def _zoned(**moments: dt.datetime | None) -> None:
+    """Times without a zone are ambiguous: refuse them, naming the argument."""
+    for name, moment in moments.items():
+        if moment is not None and moment.tzinfo is None:
+            raise GatewayError(f"`{name}` needs a time zone (e.g. 2026-01-01T00:00:00Z)", "BAD_REQUEST")
 
 
 @strawberry.type
@@ -413,6 +419,7 @@ class Query:
         who = context.caller("run:read")
         if not 1 <= first <= MAX_PAGE:
             raise GatewayError(f"`first` must be between 1 and {MAX_PAGE}", "BAD_REQUEST")
+        _zoned(since=since, until=until)
         rows, more = await context.backend.list_runs(who, workflow, status, since, until, first, after)
         edges = [
             RunEdge(

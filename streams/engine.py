@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OUTBOX = "run-events"
+RUN_TOPIC = "aggregates.run:"  # the store's topics of Run events
 TERMINAL_EVENTS = {"Completed": "completed", "Failed": "failed", "Cancelled": "cancelled"}
 TIMER_EVENTS = frozenset({"RetryScheduled", "WaitScheduled", "ApprovalRequested"})
 _EVENT_META = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
@@ -178,8 +179,10 @@ class Engine:
         )
         self._local_attempts: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self._tasks: list[asyncio.Task[Any]] = []
-        # In-process listeners of what the outbox publishes: (position, event) batches of committed
-        # events, as they are sent (the gateway's live subscriptions, without a hop through the broker).
+        # In-process listeners of committed run events, as (position, event) batches: the gateway's
+        # live subscriptions, without a hop through the broker. An event this worker decided is
+        # shown as soon as it is saved and again when the outbox publishes it: listeners take
+        # each (run, version) once.
         self.published_listeners: list[Callable[[list[tuple[int, Envelope]]], None]] = []
         self.rejected_listeners: list[Callable[[str, str], None]] = []  # (command id, reason)
         self.publishing = False  # whether this worker's outbox leads (one per store)
@@ -343,12 +346,36 @@ class Engine:
                 (r.notification.id, r.notification.topic, r.domain_event) for r in verdicts.recordings
             )
             self._outbox_wake.set()
+            if self.published_listeners:
+                self._show_saved(verdicts.recordings)
             for verdict in verdicts:
                 if verdict.outcome == REJECTED:
                     await self._rejected(verdict.command, verdict.reason)
         for stream, event in batch:
             if stream is not None:
                 await stream.ack(event)
+
+    def _show_saved(self, recordings: list[Any]) -> None:
+        """Just-saved run events to the listeners, without waiting for the outbox, which may be
+        waiting for the broker to acknowledge its last batch. A run whose tenant is not known
+        yet (its `Started` is not published) waits for the outbox."""
+        shown: list[tuple[int, Envelope]] = []
+        for recording in recordings:
+            if not recording.notification.topic.startswith(RUN_TOPIC):
+                continue
+            domain_event = recording.domain_event
+            identity = self._runs.get(str(domain_event.originator_id))
+            if identity is not None:
+                tenant = identity.tenant
+            elif type(domain_event).__name__ == "Started":
+                tenant = domain_event.tenant
+            else:
+                continue
+            if isinstance(tenant, str):
+                shown.append((recording.notification.id, event_envelope(domain_event, tenant)))
+        if shown:
+            for listener in self.published_listeners:
+                listener(shown)
 
     async def _rejected(self, command: Envelope, reason: str) -> None:
         await self.dead_letter(COMMANDS, _Raw(command), reason)
@@ -431,7 +458,7 @@ class Engine:
         deliveries = []
         published: list[tuple[int, Envelope]] = []
         for position_of_event, topic, item in batch:
-            if not topic.startswith("aggregates.run:"):
+            if not topic.startswith(RUN_TOPIC):
                 continue
             domain_event = (
                 item if not isinstance(item, Notification) else self.store.mapper.to_domain_event(item)

@@ -11,9 +11,7 @@ import orjson
 from aggregates.run import Rejected
 from aggregates.store import RunStore
 from schemas.envelope import SCHEMA_VERSION, Envelope
-from streams.engine import event_envelope
-
-RUN_TOPIC = "aggregates.run:"
+from streams.engine import RUN_TOPIC, event_envelope
 
 
 def history(store: RunStore, page: int = 10_000) -> Iterator[Envelope]:

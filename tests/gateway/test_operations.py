@@ -128,6 +128,16 @@ async def test_oversized_and_overdeep_requests_get_clean_errors(gateway: Gateway
         assert body.get("errors") and all("Traceback" not in e["message"] for e in body["errors"])
 
 
+async def test_times_without_a_zone_are_refused_naming_the_argument(gateway: Gateway) -> None:
+    # Found by the schema fuzzer: a zoneless `since` reached ClickHouse and failed there.
+    for document, name in (
+        ('{ runs(since: "2026-01-01T00:00:00") { edges { cursor } } }', "since"),
+        ('{ metrics(until: "2026-01-01T00:00:00") { since } }', "until"),
+    ):
+        (error,) = (await gateway.graphql(document))["errors"]
+        assert error["extensions"]["code"] == "BAD_REQUEST" and f"`{name}`" in error["message"], error
+
+
 async def test_a_rate_limit_per_token_refuses_with_429(gateway: Gateway) -> None:
     from gateway.auth import RateLimit
 
