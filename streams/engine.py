@@ -509,6 +509,7 @@ class Engine:
                 workflow,
                 payload["node_id"],
                 output.get("message"),
+                extra={"run_id": envelope.run_id, "node_id": payload["node_id"]},
             )
         return []
 
@@ -641,6 +642,8 @@ class Engine:
         if not done:
             await self._report(started)
         outcome = await execution
+        if outcome.error_class is not None:
+            log.info("attempt %d failed: %s: %s", task.attempt, outcome.error_class, outcome.error_message)
         # Awaiting delivery before the task is acked: a result is never lost, at worst repeated.
         await (await self._report(result_command(task, outcome)))
 
