@@ -331,25 +331,29 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
                 )
             if announce_self:
                 announce(stack)
+
             # The banner is the command's output, on stdout: stderr carries only log lines.
+            def banner(line: str) -> None:
+                out.print(line, soft_wrap=True)  # a URL or token stays on one line
+
             mode = "embedded broker" if stack.broker else "Kafka"
-            out.print(
+            banner(
                 f"[green]Citadel is up[/green] ({mode} at {stack.kafka.bootstrap}; "
                 f"event store {_redact(settings.event_store)})"
             )
             program = "citadel" if shutil.which("citadel") else os.path.relpath(sys.argv[0])
-            out.print(f"  run a workflow:  {program} run examples/linear.yaml --input '{{\"n\": 5}}'")
+            banner(f"  run a workflow:  {program} run examples/linear.yaml --input '{{\"n\": 5}}'")
             if gateway is not None:
-                out.print(f"  GraphQL:         {gateway.url}/graphql (subscriptions: graphql-transport-ws)")
-                out.print(f"  health, metrics: {gateway.url}/ready, {gateway.url}/metrics")
+                banner(f"  GraphQL:         {gateway.url}/graphql (subscriptions: graphql-transport-ws)")
+                banner(f"  health, metrics: {gateway.url}/ready, {gateway.url}/metrics")
                 if gateway.development_token:
-                    out.print("  development token (admin of tenant 'default', 7 days; see `citadel token`):")
-                    out.print(f"    Authorization: Bearer {gateway.development_token}", soft_wrap=True)
+                    banner("  development token (admin of tenant 'default', 7 days; see `citadel token`):")
+                    banner(f"    Authorization: Bearer {gateway.development_token}")
                     dashboard = f"{gateway.url}/?token={gateway.development_token}"
-                    out.print(f"  dashboard:       {dashboard}", soft_wrap=True)
+                    banner(f"  dashboard:       {dashboard}")
                 else:
-                    out.print(f"  dashboard:       {gateway.url}/ (asks for a bearer token)")
-            out.print("  stop:            Ctrl-C")
+                    banner(f"  dashboard:       {gateway.url}/ (asks for a bearer token)")
+            banner("  stop:            Ctrl-C")
             await stop.wait()
             out.print("stopping…")
     finally:
