@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Iterator
 
 from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 
 from schemas.tasks import NodeTask
 
@@ -71,3 +71,9 @@ def attempt_span(task: NodeTask, carried: SpanContext | None = None) -> Iterator
             yield span
     finally:
         CURRENT_ATTEMPT.reset(token)
+
+
+def attempt_failed(error_class: str) -> None:
+    """Mark the current attempt's span failed, naming the error class (never the message, which
+    may quote what a node was given)."""
+    trace.get_current_span().set_status(Status(StatusCode.ERROR, error_class))
