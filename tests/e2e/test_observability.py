@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -231,3 +232,11 @@ async def test_each_run_is_one_trace_with_a_span_per_node_attempt_under_the_runs
         statuses = {(s["name"], s["attributes"]["citadel.attempt"]): s["status"] for s in trace}
         assert statuses[("node flaky", 1)] == {"status_code": "ERROR", "description": "ValueError"}
         assert statuses[("node flaky", 2)]["status_code"] == "UNSET"
+
+
+def test_the_banner_on_stdout_links_the_dashboard_with_the_development_token(up: Up) -> None:
+    banner = up.stdout.read_text()
+    link = re.search(rf"dashboard: +({re.escape(up.url)}/\?token=(\S+))", banner)
+    assert link is not None, banner
+    assert f"Authorization: Bearer {link[2]}" in banner
+    assert link[2] not in up.stderr.read_text()
