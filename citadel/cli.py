@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal as signals
@@ -414,50 +413,57 @@ def bench(
     events: Annotated[int, typer.Option(help="replay: events in the store; timetravel: in the run")] = 0,
 ) -> None:
     """Run a benchmark on the embedded stack; print a table and write bench/results/NAME.json."""
-    from bench import workloads
-
     if name not in BENCHMARKS:
         err.print(f"[red]unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}[/red]")
         raise typer.Exit(EXIT_INVALID)
-    logging.basicConfig(level="WARNING")
-    if name == "chain40":
-        with err.status(f"chain40: {repeats} timed runs of 40 python nodes…"):
-            result = asyncio.run(workloads.chain40(repeats=repeats))
-    elif name == "long10":
-        with err.status(f"long10: {repeats} timed runs of 10 fib(33) nodes, each beside a plain loop…"):
-            result = asyncio.run(workloads.long10(repeats=repeats))
-    elif name == "sandbox":
-        with err.status("sandbox: 1,000 sandboxed python attempts, then in-process…"):
-            result = asyncio.run(workloads.sandbox())
-    elif name == "subscription-lag":
-        from bench.gateway import subscription_lag
-
-        progress = _progress()
-        with progress:
-            bar = progress.add_task("subscription-lag: runs finished", total=runs)
-            result = asyncio.run(
-                subscription_lag(
-                    runs=runs if runs != 10_000 else 300,
-                    progress=lambda done, total: progress.update(bar, completed=done, total=total),
-                )
-            )
-    elif name in ("replay", "timetravel", "lag"):
-        result = _projection_bench(name, runs, events)
-    else:
-        progress = _progress()
-        with progress:
-            bar = progress.add_task("throughput: runs finished", total=runs)
-            result = asyncio.run(
-                workloads.throughput(
-                    runs=runs, progress=lambda done, total: progress.update(bar, completed=done)
-                )
-            )
+    # Logs and traces as `citadel up` has them, so their cost is part of what is measured.
+    settings = Settings.from_env()
+    setup_logging(settings, serving=True)
+    with exporting_traces(_span_exporter(settings)):
+        result = _bench(name, runs, repeats, events)
     table = Table(title=f"{name} ({result['path']})")
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in _flatten(result["figures"]):
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     out.print(table)
+
+
+def _bench(name: str, runs: int, repeats: int, events: int) -> dict[str, Any]:
+    from bench import workloads
+
+    if name == "chain40":
+        with err.status(f"chain40: {repeats} timed runs of 40 python nodes…"):
+            return asyncio.run(workloads.chain40(repeats=repeats))
+    elif name == "long10":
+        with err.status(f"long10: {repeats} timed runs of 10 fib(33) nodes, each beside a plain loop…"):
+            return asyncio.run(workloads.long10(repeats=repeats))
+    elif name == "sandbox":
+        with err.status("sandbox: 1,000 sandboxed python attempts, then in-process…"):
+            return asyncio.run(workloads.sandbox())
+    elif name == "subscription-lag":
+        from bench.gateway import subscription_lag
+
+        progress = _progress()
+        with progress:
+            bar = progress.add_task("subscription-lag: runs finished", total=runs)
+            return asyncio.run(
+                subscription_lag(
+                    runs=runs if runs != 10_000 else 300,
+                    progress=lambda done, total: progress.update(bar, completed=done, total=total),
+                )
+            )
+    elif name in ("replay", "timetravel", "lag"):
+        return _projection_bench(name, runs, events)
+    else:
+        progress = _progress()
+        with progress:
+            bar = progress.add_task("throughput: runs finished", total=runs)
+            return asyncio.run(
+                workloads.throughput(
+                    runs=runs, progress=lambda done, total: progress.update(bar, completed=done)
+                )
+            )
 
 
 def _projection_bench(name: str, runs: int, events: int) -> dict[str, Any]:
