@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 from jsonschema import Draft202012Validator
 from opentelemetry.sdk.trace.export import SpanExporter
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -307,7 +308,7 @@ def _span_exporter(settings: Settings) -> SpanExporter | None:
     try:
         return span_exporter(settings.traces)
     except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(EXIT_INVALID) from None
 
 

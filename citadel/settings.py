@@ -30,9 +30,7 @@ class Settings(BaseModel):
     log_format: Literal["json", "text"] | None = Field(
         default=None, description="CITADEL_LOG_FORMAT; unset: json for `up` and `worker`, text otherwise"
     )
-    traces: str = Field(
-        default="off", pattern=r"^(off|console|otlp|file:.+)$", description="span exporter (CITADEL_TRACES)"
-    )
+    traces: str = Field(default="off", description="off, console, file:PATH or otlp (CITADEL_TRACES)")
     clickhouse: str | None = Field(
         default=None, description="ClickHouse server URL (CITADEL_CLICKHOUSE); chDB under home when unset"
     )
