@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal as signals
@@ -18,7 +17,9 @@ from typing import Annotated, Any
 import typer
 from aiokafka import AIOKafkaProducer
 from jsonschema import Draft202012Validator
+from opentelemetry.sdk.trace.export import SpanExporter
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -32,6 +33,7 @@ from rich.table import Table
 from citadel.runs import RunReport, follow, start_command
 from citadel.settings import Settings
 from citadel.stack import announce, kafka_settings, running_engine, running_stack, withdraw
+from citadel.telemetry import exporting_traces, setup_logging, span_exporter
 from schemas.definition import DefinitionInvalid, definition_json_schema, parse_definition
 from schemas.envelope import Envelope, command_json_schema, encode
 from streams.kafka import COMMANDS, KafkaSettings
@@ -49,16 +51,6 @@ out = Console()
 err = Console(stderr=True)
 
 EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 1, 2, 3
-
-
-def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("citadel.run").setLevel(logging.INFO)
-    # Faust and aiokafka are chatty at INFO about every rebalance.
-    for noisy in ("faust", "aiokafka", "mode"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -134,7 +126,7 @@ def run(
 def _run_and_report(command: Envelope, what: str, timeout: float, json_output: bool) -> None:
     """Submit a StartRun, follow the run to its end, print it; exit 1 failed, 2 rejected, 3 timeout."""
     settings = Settings.from_env()
-    _setup_logging(settings)
+    setup_logging(settings, serving=False)
     try:
         report = asyncio.run(asyncio.wait_for(_run(settings, command), timeout))
     except TimeoutError:
@@ -292,8 +284,8 @@ async def _send_command(kafka: KafkaSettings, command: Envelope) -> None:
 def up() -> None:
     """Start the whole engine in this process (embedded by default). Ctrl-C stops it cleanly."""
     settings = Settings.from_env()
-    _setup_logging(settings)
-    with contextlib.suppress(KeyboardInterrupt):
+    setup_logging(settings, serving=True)
+    with contextlib.suppress(KeyboardInterrupt), exporting_traces(_span_exporter(settings)):
         asyncio.run(_serve(settings, announce_self=True))
 
 
@@ -307,8 +299,17 @@ def worker() -> None:
             "CITADEL_EVENT_STORE=postgresql://...; for a local engine use `citadel up`[/red]"
         )
         raise typer.Exit(EXIT_INVALID)
-    _setup_logging(settings)
-    asyncio.run(_serve(settings, announce_self=False))
+    setup_logging(settings, serving=True)
+    with exporting_traces(_span_exporter(settings)):
+        asyncio.run(_serve(settings, announce_self=False))
+
+
+def _span_exporter(settings: Settings) -> SpanExporter | None:
+    try:
+        return span_exporter(settings.traces)
+    except ValueError as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(EXIT_INVALID) from None
 
 
 async def _serve(settings: Settings, announce_self: bool) -> None:
@@ -318,7 +319,7 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signals.SIGINT, signals.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    with err.status("starting the engine…"):
+    with err.status("starting the engine…") if err.is_terminal else contextlib.nullcontext():
         stack_cm = running_stack(settings, keep_broker=announce_self)
         stack = await stack_cm.__aenter__()
     try:
@@ -330,22 +331,31 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
                 )
             if announce_self:
                 announce(stack)
+
+            # The banner is the command's output, on stdout: stderr carries only log lines.
+            def banner(line: str) -> None:
+                out.print(line, soft_wrap=True)  # a URL or token stays on one line
+
             mode = "embedded broker" if stack.broker else "Kafka"
-            err.print(
+            banner(
                 f"[green]Citadel is up[/green] ({mode} at {stack.kafka.bootstrap}; "
                 f"event store {_redact(settings.event_store)})"
             )
             program = "citadel" if shutil.which("citadel") else os.path.relpath(sys.argv[0])
-            err.print(f"  run a workflow:  {program} run examples/linear.yaml --input '{{\"n\": 5}}'")
+            banner(f"  run a workflow:  {program} run examples/linear.yaml --input '{{\"n\": 5}}'")
             if gateway is not None:
-                err.print(f"  GraphQL:         {gateway.url}/graphql (subscriptions: graphql-transport-ws)")
-                err.print(f"  health, metrics: {gateway.url}/ready, {gateway.url}/metrics")
+                banner(f"  GraphQL:         {gateway.url}/graphql (subscriptions: graphql-transport-ws)")
+                banner(f"  health, metrics: {gateway.url}/ready, {gateway.url}/metrics")
                 if gateway.development_token:
-                    err.print("  development token (admin of tenant 'default', 7 days; see `citadel token`):")
-                    err.print(f"    Authorization: Bearer {gateway.development_token}", soft_wrap=True)
-            err.print("  stop:            Ctrl-C")
+                    banner("  development token (admin of tenant 'default', 7 days; see `citadel token`):")
+                    banner(f"    Authorization: Bearer {gateway.development_token}")
+                    dashboard = f"{gateway.url}/?token={gateway.development_token}"
+                    banner(f"  dashboard:       {dashboard}")
+                else:
+                    banner(f"  dashboard:       {gateway.url}/ (asks for a bearer token)")
+            banner("  stop:            Ctrl-C")
             await stop.wait()
-            err.print("stopping…")
+            out.print("stopping…")
     finally:
         if announce_self:
             withdraw(settings)
@@ -404,50 +414,57 @@ def bench(
     events: Annotated[int, typer.Option(help="replay: events in the store; timetravel: in the run")] = 0,
 ) -> None:
     """Run a benchmark on the embedded stack; print a table and write bench/results/NAME.json."""
-    from bench import workloads
-
     if name not in BENCHMARKS:
         err.print(f"[red]unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}[/red]")
         raise typer.Exit(EXIT_INVALID)
-    logging.basicConfig(level="WARNING")
-    if name == "chain40":
-        with err.status(f"chain40: {repeats} timed runs of 40 python nodes…"):
-            result = asyncio.run(workloads.chain40(repeats=repeats))
-    elif name == "long10":
-        with err.status(f"long10: {repeats} timed runs of 10 fib(33) nodes, each beside a plain loop…"):
-            result = asyncio.run(workloads.long10(repeats=repeats))
-    elif name == "sandbox":
-        with err.status("sandbox: 1,000 sandboxed python attempts, then in-process…"):
-            result = asyncio.run(workloads.sandbox())
-    elif name == "subscription-lag":
-        from bench.gateway import subscription_lag
-
-        progress = _progress()
-        with progress:
-            bar = progress.add_task("subscription-lag: runs finished", total=runs)
-            result = asyncio.run(
-                subscription_lag(
-                    runs=runs if runs != 10_000 else 300,
-                    progress=lambda done, total: progress.update(bar, completed=done, total=total),
-                )
-            )
-    elif name in ("replay", "timetravel", "lag"):
-        result = _projection_bench(name, runs, events)
-    else:
-        progress = _progress()
-        with progress:
-            bar = progress.add_task("throughput: runs finished", total=runs)
-            result = asyncio.run(
-                workloads.throughput(
-                    runs=runs, progress=lambda done, total: progress.update(bar, completed=done)
-                )
-            )
+    # Logs and traces as `citadel up` has them, so their cost is part of what is measured.
+    settings = Settings.from_env()
+    setup_logging(settings, serving=True)
+    with exporting_traces(_span_exporter(settings)):
+        result = _bench(name, runs, repeats, events)
     table = Table(title=f"{name} ({result['path']})")
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in _flatten(result["figures"]):
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     out.print(table)
+
+
+def _bench(name: str, runs: int, repeats: int, events: int) -> dict[str, Any]:
+    from bench import workloads
+
+    if name == "chain40":
+        with err.status(f"chain40: {repeats} timed runs of 40 python nodes…"):
+            return asyncio.run(workloads.chain40(repeats=repeats))
+    elif name == "long10":
+        with err.status(f"long10: {repeats} timed runs of 10 fib(33) nodes, each beside a plain loop…"):
+            return asyncio.run(workloads.long10(repeats=repeats))
+    elif name == "sandbox":
+        with err.status("sandbox: 1,000 sandboxed python attempts, then in-process…"):
+            return asyncio.run(workloads.sandbox())
+    elif name == "subscription-lag":
+        from bench.gateway import subscription_lag
+
+        progress = _progress()
+        with progress:
+            bar = progress.add_task("subscription-lag: runs finished", total=runs)
+            return asyncio.run(
+                subscription_lag(
+                    runs=runs if runs != 10_000 else 300,
+                    progress=lambda done, total: progress.update(bar, completed=done, total=total),
+                )
+            )
+    elif name in ("replay", "timetravel", "lag"):
+        return _projection_bench(name, runs, events)
+    else:
+        progress = _progress()
+        with progress:
+            bar = progress.add_task("throughput: runs finished", total=runs)
+            return asyncio.run(
+                workloads.throughput(
+                    runs=runs, progress=lambda done, total: progress.update(bar, completed=done)
+                )
+            )
 
 
 def _projection_bench(name: str, runs: int, events: int) -> dict[str, Any]:
@@ -516,7 +533,7 @@ def replay_projections(
     from streams.history import event_count, history
 
     settings = Settings.from_env()
-    _setup_logging(settings)
+    setup_logging(settings, serving=False)
     try:
         connection = open_projections(settings)
     except ClickHouseUnavailable as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -27,6 +27,10 @@ class Settings(BaseModel):
     secrets_dir: Path | None = Field(description="one file per secret (CITADEL_SECRETS_DIR); else env")
     allow_network: bool = Field(description="python nodes may ask for network (CITADEL_ALLOW_NETWORK)")
     log_level: str
+    log_format: Literal["json", "text"] | None = Field(
+        default=None, description="CITADEL_LOG_FORMAT; unset: json for `up` and `worker`, text otherwise"
+    )
+    traces: str = Field(default="off", description="off, console, file:PATH or otlp (CITADEL_TRACES)")
     clickhouse: str | None = Field(
         default=None, description="ClickHouse server URL (CITADEL_CLICKHOUSE); chDB under home when unset"
     )
@@ -76,6 +80,8 @@ class Settings(BaseModel):
             secrets_dir=Path(env["CITADEL_SECRETS_DIR"]) if env.get("CITADEL_SECRETS_DIR") else None,
             allow_network=env.get("CITADEL_ALLOW_NETWORK", "").lower() in ("1", "true", "yes"),
             log_level=env.get("CITADEL_LOG_LEVEL", "WARNING"),
+            log_format=env.get("CITADEL_LOG_FORMAT") or None,  # type: ignore[arg-type]
+            traces=env.get("CITADEL_TRACES") or "off",
             clickhouse=env.get("CITADEL_CLICKHOUSE") or None,
             audit_retention_days=int(env.get("CITADEL_AUDIT_RETENTION_DAYS", "0")),
             projector_group=env.get("CITADEL_PROJECTOR_GROUP")

@@ -13,6 +13,7 @@ from typing import Any
 
 from citadel.projector import RunningProjector, running_projector
 from citadel.settings import Settings
+from citadel.telemetry import REDACTION, RevealedSecrets
 from nodes.base import ExecutorRegistry
 from nodes.http import HttpExecutor
 from nodes.javascript import JavaScriptExecutor
@@ -104,7 +105,9 @@ async def running_stack(
 
 
 def executor_registry(settings: Settings) -> ExecutorRegistry:
-    secrets: SecretStore = FileSecrets(settings.secrets_dir) if settings.secrets_dir else EnvironmentSecrets()
+    store: SecretStore = FileSecrets(settings.secrets_dir) if settings.secrets_dir else EnvironmentSecrets()
+    # Whatever value a node is given, no log line of this process may show.
+    secrets = RevealedSecrets(store, REDACTION)
 
     def concurrency(node_type: str) -> int:
         # A node type's limit also caps its executor here, so one worker never runs more of it.

@@ -1,16 +1,20 @@
 """The gateway's HTTP application: `/graphql` (queries, mutations; subscriptions over
-graphql-transport-ws), `/health`, `/ready` and `/metrics`, with request size and rate limits."""
+graphql-transport-ws), `/health`, `/ready`, `/metrics` and the dashboard page (`/`, `/dashboard`,
+its files under `/static/`), with request size and rate limits."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.exceptions import ConnectionRejectionError
@@ -26,6 +30,9 @@ from gateway.schema import Context, build_schema
 log = logging.getLogger(__name__)
 Check = Callable[[], Awaitable[Any]]
 STATUS = {"UNAUTHENTICATED": 401, "FORBIDDEN": 403, "RATE_LIMITED": 429, "TOO_LARGE": 413}
+STATIC = Path(__file__).parent / "static"
+# A Host header fit to name in the page's policy (anything else: same-origin fetches only).
+HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
 
 @dataclass(frozen=True)
@@ -124,8 +131,35 @@ def create_app(
     async def exposition() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
+    page = (STATIC / "dashboard.html").read_text(encoding="utf-8")
+
+    @app.get("/")
+    @app.get("/dashboard")
+    async def dashboard(request: Request) -> HTMLResponse:
+        """The dashboard page. It is public; what it shows comes from /graphql, with the user's token."""
+        return HTMLResponse(page, headers=dashboard_headers(request.headers.get("host", "")))
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
     app.add_middleware(SizeLimit, max_bytes=config.max_request_bytes)
     return app
+
+
+def dashboard_headers(host: str) -> dict[str, str]:
+    """The page runs only its own script and style files and talks only to this gateway (its
+    WebSocket named explicitly, as not every browser counts ws: as 'self'); it keeps the token of
+    its link out of any Referer."""
+    sockets = f" ws://{host} wss://{host}" if HOST.match(host) else ""
+    policy = (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        f"connect-src 'self'{sockets}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return {
+        "Content-Security-Policy": policy,
+        "Referrer-Policy": "no-referrer",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-store",
+    }
 
 
 def _error(status: int, message: str, code: str) -> JSONResponse:

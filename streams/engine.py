@@ -50,7 +50,7 @@ from streams.kafka import (
     stream_app,
 )
 from streams.timers import Timers
-from streams.tracing import TRACEPARENT, attempt_span, parse_traceparent, traceparent
+from streams.tracing import TRACEPARENT, attempt_failed, attempt_span, parse_traceparent, traceparent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -542,6 +542,7 @@ class Engine:
                 workflow,
                 payload["node_id"],
                 output.get("message"),
+                extra={"run_id": envelope.run_id, "node_id": payload["node_id"]},
             )
         return []
 
@@ -674,6 +675,9 @@ class Engine:
         if not done:
             await self._report(started)
         outcome = await execution
+        if outcome.error_class is not None:
+            log.info("attempt %d failed: %s: %s", task.attempt, outcome.error_class, outcome.error_message)
+            attempt_failed(outcome.error_class)
         # Awaiting delivery before the task is acked: a result is never lost, at worst repeated.
         await (await self._report(result_command(task, outcome)))
 

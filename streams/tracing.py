@@ -9,15 +9,18 @@ the spans cost nothing (OpenTelemetry's no-op tracer).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 from collections.abc import Iterator
 
 from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 
 from schemas.tasks import NodeTask
 
 TRACEPARENT = "traceparent"
+# The node attempt this task (and whatever it logs) works for: log lines name its run and node.
+CURRENT_ATTEMPT: contextvars.ContextVar[NodeTask | None] = contextvars.ContextVar("attempt", default=None)
 
 
 def _digest(text: str) -> bytes:
@@ -61,5 +64,16 @@ def attempt_span(task: NodeTask, carried: SpanContext | None = None) -> Iterator
         "citadel.attempt": task.attempt,
         "citadel.attempt_id": task.attempt_id,
     }
-    with tracer.start_as_current_span(f"node {task.node_id}", context=context, attributes=attributes) as span:
-        yield span
+    token = CURRENT_ATTEMPT.set(task)
+    try:
+        name = f"node {task.node_id}"
+        with tracer.start_as_current_span(name, context=context, attributes=attributes) as span:
+            yield span
+    finally:
+        CURRENT_ATTEMPT.reset(token)
+
+
+def attempt_failed(error_class: str) -> None:
+    """Mark the current attempt's span failed, naming the error class (never the message, which
+    may quote what a node was given)."""
+    trace.get_current_span().set_status(Status(StatusCode.ERROR, error_class))
