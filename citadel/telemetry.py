@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 
 from citadel.settings import Settings
 from nodes.secrets import REDACTED, SecretStore, redact
-from streams.tracing import CURRENT_ATTEMPT, run_span_id, run_trace_id
+from streams.tracing import CURRENT_ATTEMPT, RunIds, run_span_id, run_trace_id
 
 # Attributes a log call may pass in `extra=` to name what it is about.
 RUN_FIELDS = ("run_id", "node_id", "attempt_id")
@@ -185,7 +185,7 @@ def exporting_traces(exporter: SpanExporter | None) -> Iterator[None]:
     if exporter is None:
         yield
         return
-    provider = TracerProvider(resource=Resource.create({"service.name": "citadel"}))
+    provider = TracerProvider(resource=Resource.create({"service.name": "citadel"}), id_generator=RunIds())
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     try:

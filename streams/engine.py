@@ -50,7 +50,14 @@ from streams.kafka import (
     stream_app,
 )
 from streams.timers import Timers
-from streams.tracing import TRACEPARENT, attempt_failed, attempt_span, parse_traceparent, traceparent
+from streams.tracing import (
+    TRACEPARENT,
+    attempt_failed,
+    attempt_span,
+    parse_traceparent,
+    record_run_span,
+    traceparent,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -138,6 +145,7 @@ class RunIdentity(NamedTuple):
     tenant: str
     workflow: str
     parent: dict[str, Any] | None  # the subworkflow node a child run reports to
+    started: dt.datetime  # its first event's time: where its trace's root span begins
 
 
 def child_result(
@@ -475,6 +483,10 @@ class Engine:
             elif envelope.type in TERMINAL_EVENTS:
                 ledger.finished.append(run_id)
                 self._runs.pop(run_id, None)
+                attributes = {"citadel.tenant": identity.tenant, "citadel.workflow": identity.workflow}
+                record_run_span(
+                    run_id, attributes, identity.started, envelope.time, TERMINAL_EVENTS[envelope.type]
+                )
         for listener in self.published_listeners:
             listener(published)  # committed, so safe to show before the broker acknowledges
         deliveries.extend(await self._dispatch_released())
@@ -586,14 +598,17 @@ class Engine:
     async def _run_identity(self, run_id: str, domain_event: Any) -> RunIdentity:
         if type(domain_event).__name__ == "Started":
             identity = RunIdentity(
-                domain_event.tenant, domain_event.workflow, getattr(domain_event, "parent", None)
+                domain_event.tenant,
+                domain_event.workflow,
+                getattr(domain_event, "parent", None),
+                domain_event.timestamp,
             )
         elif run_id in self._runs:
             return self._runs[run_id]
         else:
             assert self.store is not None
             run = await self._in_store(self.store.run, run_id)
-            identity = RunIdentity(run.tenant, run.workflow, run.parent)
+            identity = RunIdentity(run.tenant, run.workflow, run.parent, run.created_on)
         self._runs[run_id] = identity
         while len(self._runs) > 100_000:
             self._runs.popitem(last=False)

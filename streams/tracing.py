@@ -2,23 +2,31 @@
 
 A run's trace id and its root span id derive from the run id, so every process that touches a
 run (engine, executors, gateway) names the same trace without sharing state; each message keyed
-by a run carries that context as a W3C `traceparent` header. With no tracer provider configured
-the spans cost nothing (OpenTelemetry's no-op tracer).
+by a run carries that context as a W3C `traceparent` header. The root span itself is recorded
+when the run ends (by the outbox that publishes its last event), from its first event's time to
+its last, under those derived ids: a tracer provider built with `RunIds` can give them. With no
+tracer provider configured the spans cost nothing (OpenTelemetry's no-op tracer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import datetime as dt
 import hashlib
 from collections.abc import Iterator
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 
 from schemas.tasks import NodeTask
 
 TRACEPARENT = "traceparent"
+# The (trace id, span id) the next span started in this context must have: a run's root span.
+_RUN_IDS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("run_ids", default=None)
 # The node attempt this task (and whatever it logs) works for: log lines name its run and node.
 CURRENT_ATTEMPT: contextvars.ContextVar[NodeTask | None] = contextvars.ContextVar("attempt", default=None)
 
@@ -77,3 +85,42 @@ def attempt_failed(error_class: str) -> None:
     """Mark the current attempt's span failed, naming the error class (never the message, which
     may quote what a node was given)."""
     trace.get_current_span().set_status(Status(StatusCode.ERROR, error_class))
+
+
+class RunIds(RandomIdGenerator):
+    """Random ids, except for a run's root span, whose ids derive from the run id."""
+
+    def generate_span_id(self) -> int:
+        fixed = _RUN_IDS.get()
+        return fixed[1] if fixed is not None else super().generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        fixed = _RUN_IDS.get()
+        return fixed[0] if fixed is not None else super().generate_trace_id()
+
+
+def record_run_span(
+    run_id: str, attributes: dict[str, str], started: dt.datetime, ended: dt.datetime, status: str
+) -> None:
+    """The root span of a run that has ended, parent of its attempts' spans. Recorded only by a
+    tracer provider that can give it the run's ids (any other would make an unrelated trace)."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider) or not isinstance(provider.id_generator, RunIds):
+        return
+    token = _RUN_IDS.set((run_trace_id(run_id), run_span_id(run_id)))
+    try:
+        span = provider.get_tracer("citadel.engine").start_span(
+            f"run {attributes.get('citadel.workflow', '')}",
+            context=otel_context.Context(),  # a root: no parent, whatever span is current here
+            attributes={"citadel.run_id": run_id, "citadel.status": status, **attributes},
+            start_time=_nanoseconds(started),
+        )
+    finally:
+        _RUN_IDS.reset(token)
+    if status != "completed":
+        span.set_status(Status(StatusCode.ERROR, status))
+    span.end(end_time=_nanoseconds(max(started, ended)))
+
+
+def _nanoseconds(moment: dt.datetime) -> int:
+    return int(moment.timestamp() * 1_000_000_000)

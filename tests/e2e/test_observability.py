@@ -219,13 +219,24 @@ async def test_each_run_is_one_trace_with_a_span_per_node_attempt_under_the_runs
 ) -> None:
     answers: list[Any] = []
     run_ids = [await run_to_end(client, FLAKY_CHAIN, answers) for _ in range(2)]
-    # Per run: `first` once, `flaky` twice (a retry); the transform is decided inline, no attempt.
-    spans = spans_of(up, set(run_ids), attempts=6)
-    assert len(spans) == 6
+    # Per run: its root span, then `first` once, `flaky` twice (a retry); the transform is decided
+    # inline, with no attempt.
+    spans = spans_of(up, set(run_ids), attempts=8)
+    assert len(spans) == 8
     for run_id in run_ids:
-        trace = [s for s in spans if s["attributes"]["citadel.run_id"] == run_id]
-        assert {s["context"]["trace_id"] for s in trace} == {f"0x{run_trace_id(run_id):032x}"}
+        (root,) = [s for s in spans if s["attributes"]["citadel.run_id"] == run_id and s["parent_id"] is None]
+        assert (
+            root["name"].startswith("run ")
+            and root["name"].endswith("traced")
+            and root["attributes"]["citadel.status"] == "completed"
+        )
+        assert root["context"]["span_id"] == f"0x{run_span_id(run_id):016x}"
+        trace = [s for s in spans if s["attributes"]["citadel.run_id"] == run_id and s is not root]
+        assert {s["context"]["trace_id"] for s in [root, *trace]} == {f"0x{run_trace_id(run_id):032x}"}
         assert all(s["parent_id"] == f"0x{run_span_id(run_id):016x}" for s in trace)
+        # Attempts begin within the run (their spans end after their results are delivered, which
+        # the run's last decision may precede by a moment).
+        assert all(root["start_time"] <= s["start_time"] <= root["end_time"] for s in trace), (root, trace)
         attempts = sorted((s["name"], s["attributes"]["citadel.attempt"]) for s in trace)
         assert attempts == [("node first", 1), ("node flaky", 1), ("node flaky", 2)]
         assert len({s["attributes"]["citadel.attempt_id"] for s in trace}) == 3
