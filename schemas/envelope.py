@@ -234,6 +234,7 @@ def command_json_schema() -> dict[str, Any]:
     schema["properties"]["run_id"]["description"] = "the run, a UUID; also the message key"
     schema["properties"]["id"]["description"] = "unique per command: a command id seen before is a no-op"
     schema["properties"]["type"]["enum"] = sorted(COMMANDS)
+    schema["properties"]["schema_version"]["maximum"] = SCHEMA_VERSION  # older ones are upcast
     definitions: dict[str, Any] = {}
     variants = []
     for name, model in sorted(COMMANDS.items()):
