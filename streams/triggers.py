@@ -33,6 +33,7 @@ commits exactly the offsets we choose, and shares the engine's fetch tuning.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
+from pydantic import ValidationError
 
 from aggregates.run import Rejected
 from aggregates.store import RunStore, check_input
@@ -104,14 +106,18 @@ class DeployedTriggers:
             )
             for notification in notifications:
                 deployed: Any = store.mapper.to_domain_event(notification)
-                changed |= self._deployed(deployed.definition, int(deployed.timestamp.timestamp() * 1000))
+                try:
+                    definition = WorkflowDefinition.model_validate(deployed.definition)
+                except ValidationError as exc:  # written by an engine whose language differed
+                    log.warning("a deployed definition does not load; its triggers are ignored: %s", exc)
+                    continue
+                changed |= self._deployed(definition, int(deployed.timestamp.timestamp() * 1000))
             self.position = int(notifications[-1].id) if len(notifications) == 1000 else stop
         if changed:
             self.by_topic = self._by_topic()
         return changed
 
-    def _deployed(self, document: dict[str, Any], deployed_ms: int) -> bool:
-        definition = WorkflowDefinition.model_validate(document)
+    def _deployed(self, definition: WorkflowDefinition, deployed_ms: int) -> bool:
         versions = self._versions.setdefault(definition.name, {})
         versions[definition.version] = (frozenset(t.topic for t in definition.triggers), deployed_ms)
         latest = self._latest.get(definition.name)
@@ -181,15 +187,14 @@ def run_input(
                 raise TriggerFailed(f"{where}: filter must give a boolean, got {type(holds).__name__}")
             if not holds:
                 continue
-        if isinstance(trigger.input, dict):
-            try:
-                return evaluate_mapping(trigger.input, context)
-            except ExpressionError as exc:
-                raise TriggerFailed(f"{where}: input.{exc}{because}") from None
+        source = trigger.input
         try:
-            mapped = evaluate(trigger.input, context)
+            mapped = (
+                evaluate(source, context) if isinstance(source, str) else evaluate_mapping(source, context)
+            )
         except ExpressionError as exc:
-            raise TriggerFailed(f"{where}: input: {exc}{because}") from None
+            field = "input: " if isinstance(source, str) else "input."  # a mapping's error names its field
+            raise TriggerFailed(f"{where}: {field}{exc}{because}") from None
         if not isinstance(mapped, dict):
             raise TriggerFailed(f"{where}: input must give an object, got {type(mapped).__name__}")
         return mapped
@@ -214,20 +219,39 @@ class Triggers:
         read_at = -float("inf")
         try:
             while True:
-                if time.monotonic() - read_at >= poll:
-                    read_at = time.monotonic()
-                    await self._follow_deployments()
-                if self.consumer is None or not self.topics:
-                    await asyncio.sleep(poll)
-                    continue
-                batch = await self.consumer.getmany(
-                    timeout_ms=round(poll * 1000), max_records=self.engine.settings.trigger_batch
-                )
-                if batch:
-                    await self._start_runs(batch)
+                try:
+                    if time.monotonic() - read_at >= poll:
+                        read_at = time.monotonic()
+                        await self._follow_deployments()
+                    if self.consumer is None or not self.topics:
+                        await asyncio.sleep(poll)
+                        continue
+                    await self._take_batch(round(poll * 1000))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # The store or the broker failed us: nothing of the batch was committed,
+                    # and it is read again (starting a run twice is a no-op).
+                    log.exception("trigger consumer failed; retrying")
+                    await asyncio.sleep(1.0)
         finally:
             if self.consumer is not None:
                 await self.consumer.stop()  # commits nothing: what was not committed comes again
+
+    async def _take_batch(self, timeout_ms: int) -> None:
+        assert self.consumer is not None
+        batch = await self.consumer.getmany(
+            timeout_ms=timeout_ms, max_records=self.engine.settings.trigger_batch
+        )
+        if not batch:
+            return
+        try:
+            await self._start_runs(batch)
+        except Exception:
+            for tp, messages in batch.items():
+                with contextlib.suppress(IllegalStateError):  # no longer ours: its new owner reads it
+                    self.consumer.seek(tp, messages[0].offset)
+            raise
 
     async def _follow_deployments(self) -> None:
         assert self.engine.store is not None
