@@ -15,12 +15,13 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from schemas.definition import parse_definition
 from schemas.envelope import Envelope, EnvelopeError, decode
 from streams.engine import Engine
 from streams.kafka import COMMANDS, RUN_EVENTS, KafkaSettings, ensure_topics
+from streams.triggers import TopicTriggers, TriggerFailed, start_command
 from tests.conftest import EngineFactory, kafka_for
 from tests.e2e.kafka_tools import dead_letters, read_all, read_until, reset_offsets, until, wait_committed
 
@@ -112,6 +113,50 @@ async def started_runs(kafka: KafkaSettings, workflow: str, count: int) -> dict[
         }
 
     return runs(await read_until(kafka, RUN_EVENTS, lambda m: len(runs(m)) >= count, timeout=120))
+
+
+def record(value: bytes, offset: int = 0, timestamp: int = 1_000, key: bytes | None = None) -> Any:
+    return ConsumerRecord(
+        topic="orders",
+        partition=0,
+        offset=offset,
+        timestamp=timestamp,
+        timestamp_type=0,
+        key=key,
+        value=value,
+        checksum=None,
+        serialized_key_size=-1,
+        serialized_value_size=len(value),
+        headers=(),
+    )
+
+
+def whole_input(source: str) -> TopicTriggers:
+    document = orders("acme.whole", "orders")
+    document["triggers"] = [{"topic": "orders", "input": source}]
+    definition = parse_definition(document)
+    return TopicTriggers(definition, tuple(definition.triggers), since_ms=0)
+
+
+def test_one_expression_may_give_the_whole_input_and_the_run_id_is_the_messages_own() -> None:
+    triggers = whole_input("message.value")
+    message = orjson.dumps({"order": "E-1", "amount": 3})
+
+    command = start_command(triggers, record(message))
+
+    assert command is not None and command.payload["input"] == {"order": "E-1", "amount": 3}
+    assert (command.tenant, command.payload["workflow_version"]) == ("acme", 1)
+    again = start_command(triggers, record(message))
+    later = start_command(triggers, record(message, offset=1))
+    reborn = start_command(triggers, record(message, timestamp=2))  # an emptied broker's offset 0
+    assert again is not None and (again.run_id, again.id) == (command.run_id, command.id)
+    assert later is not None and reborn is not None
+    assert len({command.run_id, later.run_id, reborn.run_id}) == 3
+
+
+def test_an_input_expression_that_gives_no_object_is_refused_by_name() -> None:
+    with pytest.raises(TriggerFailed, match=r"of workflow 'acme.whole': input must give an object, got list"):
+        start_command(whole_input("[message.offset]"), record(b"{}"))
 
 
 async def test_each_matching_message_starts_one_run_with_the_mapped_input(engine: Engine) -> None:
