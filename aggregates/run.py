@@ -360,9 +360,9 @@ class Run(Aggregate):
         error: str | None = None
         if not inline:
             try:
-                inputs = evaluate_mapping(node.config.get("inputs", {}), context)
+                inputs = _attempt_inputs(node, context)
             except ExpressionError as exc:
-                error = f"config.inputs.{exc}"
+                error = str(exc)
         self._node_scheduled(
             node_id=node.id,
             attempt=attempt,
@@ -897,6 +897,25 @@ def _as_time(value: Any) -> dt.datetime:
             raise ExpressionError(f"{value!r} is not an RFC 3339 time") from None
         return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
     raise ExpressionError(f"until must give a time, got {type(value).__name__}")
+
+
+def _attempt_inputs(node: Node, context: dict[str, Any]) -> dict[str, Any]:
+    """An executor's inputs: the node's expressions evaluated; an error names the config field."""
+    if node.type == "kafka":
+        config = node.typed_config()
+        fields = {"value": config.value} if config.key is None else {"key": config.key, "value": config.value}
+        try:
+            message = evaluate_mapping(fields, context)
+        except ExpressionError as exc:
+            raise ExpressionError(f"config.{exc}") from None
+        try:
+            return {**message, "headers": evaluate_mapping(config.headers, context)}
+        except ExpressionError as exc:
+            raise ExpressionError(f"config.headers.{exc}") from None
+    try:
+        return evaluate_mapping(node.config.get("inputs", {}), context)
+    except ExpressionError as exc:
+        raise ExpressionError(f"config.inputs.{exc}") from None
 
 
 def _evaluate_inline(node: Node, context: dict[str, Any]) -> Any:

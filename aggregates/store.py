@@ -224,7 +224,7 @@ class RunStore(Application[uuid.UUID]):
     ) -> WorkflowDefinition:
         if payload.definition is not None:
             definition = _parse(orjson.dumps(payload.definition, option=orjson.OPT_SORT_KEYS))
-            _check_input(definition, payload.input)  # before deploying: a rejected start changes nothing
+            check_input(definition, payload.input)  # before deploying: a rejected start changes nothing
             deployed = (definition.name, definition.version, definition.digest())
             if deployed in self._deployed:
                 return definition  # a deployed version never changes: no need to load the workflow
@@ -246,7 +246,7 @@ class RunStore(Application[uuid.UUID]):
             definition = workflow.definition(payload.workflow_version)
         except KeyError as exc:
             raise Rejected(exc.args[0]) from None
-        _check_input(definition, payload.input)
+        check_input(definition, payload.input)
         return definition
 
     def _rerun_plan(
@@ -336,7 +336,7 @@ def _input_validator(schema: bytes) -> Draft202012Validator:
     return Draft202012Validator(orjson.loads(schema))
 
 
-def _check_input(definition: WorkflowDefinition, value: dict[str, Any]) -> None:
+def check_input(definition: WorkflowDefinition, value: dict[str, Any]) -> None:
     validator = _input_validator(orjson.dumps(definition.input, option=orjson.OPT_SORT_KEYS))
     errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
     if errors:

@@ -17,6 +17,7 @@ from citadel.telemetry import REDACTION, RevealedSecrets
 from nodes.base import ExecutorRegistry
 from nodes.http import HttpExecutor
 from nodes.javascript import JavaScriptExecutor
+from nodes.kafka import KafkaExecutor
 from nodes.python import PythonExecutor
 from nodes.secrets import EnvironmentSecrets, FileSecrets, SecretStore
 from streams.admission import Limits
@@ -67,7 +68,7 @@ async def running_stack(
         assert settings.kafka is not None
         bootstrap = settings.kafka
     kafka = kafka_settings(settings, bootstrap)
-    executors = executor_registry(settings)
+    executors = executor_registry(settings, bootstrap)
     engine = Engine(
         EngineSettings(
             kafka=kafka,
@@ -104,7 +105,7 @@ async def running_stack(
                 _broker_file(settings).unlink()
 
 
-def executor_registry(settings: Settings) -> ExecutorRegistry:
+def executor_registry(settings: Settings, bootstrap: str) -> ExecutorRegistry:
     store: SecretStore = FileSecrets(settings.secrets_dir) if settings.secrets_dir else EnvironmentSecrets()
     # Whatever value a node is given, no log line of this process may show.
     secrets = RevealedSecrets(store, REDACTION)
@@ -123,6 +124,7 @@ def executor_registry(settings: Settings) -> ExecutorRegistry:
             ),
             JavaScriptExecutor(max_concurrency=concurrency("javascript")),
             HttpExecutor(secrets, max_concurrency=concurrency("http")),
+            KafkaExecutor(bootstrap),
         ]
     )
 

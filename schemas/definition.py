@@ -10,18 +10,24 @@ import ast
 import hashlib
 from collections.abc import Iterable
 from functools import cached_property
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.expressions import BUILTINS, ExpressionError, references
 
 NODE_ID = r"^[A-Za-z_][A-Za-z0-9_]*$"
 WORKFLOW_NAME = r"^[a-z0-9][a-z0-9_.-]*$"
+TOPIC_NAME = r"^[A-Za-z0-9._-]+$"
+# The engine's own topics: a definition neither triggers on them nor publishes to them.
+RESERVED_TOPIC_PREFIX = "citadel."
+# What a trigger's expressions see: the Kafka message (topic, partition, offset, timestamp, key,
+# headers, value).
+MESSAGE = "message"
 # CEL words a node id may not take, since node ids are expression variables.
 RESERVED_IDS = frozenset(
     {
@@ -170,6 +176,28 @@ class ApprovalConfig(Strict):
     )
 
 
+def _user_topic(topic: str) -> str:
+    if topic.startswith(RESERVED_TOPIC_PREFIX):
+        raise ValueError(f"topics starting with {RESERVED_TOPIC_PREFIX!r} belong to the engine")
+    return topic
+
+
+UserTopic = Annotated[str, Field(pattern=TOPIC_NAME, max_length=249), AfterValidator(_user_topic)]
+
+
+class KafkaConfig(Strict):
+    """Publishes one message to a user topic; `key`, `headers` and `value` are expressions (the
+    value is sent as JSON, a string key and string header values as their text, other values as
+    JSON). The message carries the attempt id in the `citadel-attempt-id` header, so a consumer
+    can drop the copies an at-least-once retry may publish. The output is {topic, partition,
+    offset}. The topic is a name, not an expression, so it is known (and checked) at deploy time."""
+
+    topic: UserTopic
+    key: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict, description="name: expression")
+    value: str
+
+
 class Step(Strict):
     """A step the engine runs on a node's behalf: a map's per-item node, or a compensation."""
 
@@ -209,6 +237,7 @@ NODE_CONFIGS: dict[str, type[Strict]] = {
     "approval": ApprovalConfig,
     "map": MapConfig,
     "subworkflow": SubworkflowConfig,
+    "kafka": KafkaConfig,
 }
 # Node types decided in the decide step itself (pure expressions, no hop to an executor).
 INLINE_TYPES = frozenset({"transform", "condition", "log"})
@@ -297,9 +326,41 @@ def _config_expressions(node_type: str, config: dict[str, Any]) -> Iterable[tupl
             yield "config.until", config["until"]
     elif node_type in ("approval", "map"):
         return
+    elif node_type == "kafka":
+        if config.get("key") is not None:
+            yield "config.key", config["key"]
+        for name, source in config.get("headers", {}).items():
+            yield f"config.headers.{name}", source
+        yield "config.value", config["value"]
     else:
         for name, source in config.get("inputs", {}).items():
             yield f"config.inputs.{name}", source
+
+
+class KafkaTrigger(Strict):
+    """Starts one run of the (deployed) workflow per message on `topic` that passes `filter`.
+
+    The expressions see `message`: {topic, partition, offset, timestamp (ms), key (text or null),
+    headers ({name: text}), value (the value parsed as JSON)}. `input` maps the message to the
+    run's input: a {field: expression} object, or one expression giving the whole input object.
+    Of a workflow's triggers on one topic, the first whose filter holds starts the run.
+    """
+
+    topic: UserTopic
+    filter: str | None = Field(default=None, description="expression; the message starts a run when true")
+    input: str | dict[str, str] = Field(
+        default_factory=dict, description="{field: expression}, or one expression giving the object"
+    )
+
+    def expressions(self) -> Iterable[tuple[str, str]]:
+        """(field path under the trigger, expression) for every expression of this trigger."""
+        if self.filter is not None:
+            yield "filter", self.filter
+        if isinstance(self.input, str):
+            yield "input", self.input
+        else:
+            for name, source in self.input.items():
+                yield f"input.{name}", source
 
 
 class WorkflowDefinition(Strict):
@@ -311,6 +372,7 @@ class WorkflowDefinition(Strict):
     )
     nodes: list[Node] = Field(min_length=1)
     outputs: dict[str, str] = Field(default_factory=dict)
+    triggers: list[KafkaTrigger] = Field(default_factory=list, description="Kafka topics that start runs")
 
     def node(self, node_id: str) -> Node:
         return self._by_id()[node_id]
@@ -413,6 +475,8 @@ def parse_definition(document: Any, source: str = "definition") -> WorkflowDefin
             raw["id"] for raw in raw_nodes or [] if isinstance(raw, dict) and isinstance(raw.get("id"), str)
         }
         problems.extend(_check_graph(nodes, declared, document.get("outputs")))
+    if isinstance(document.get("triggers"), list):
+        problems.extend(_check_triggers(document["triggers"]))
     if problems or definition is None:
         raise DefinitionInvalid(_unique(problems), source)
     return definition
@@ -494,6 +558,28 @@ def _check_input_schema(schema: Any) -> list[Problem]:
             )
         ]
     return []
+
+
+def _check_triggers(raw_triggers: list[Any]) -> list[Problem]:
+    """Problems of the triggers' expressions (their fields are checked with the header)."""
+    problems = []
+    for index, raw in enumerate(raw_triggers):
+        try:
+            trigger = KafkaTrigger.model_validate(raw)
+        except ValidationError:
+            continue
+        for field, source in trigger.expressions():
+            location = f"triggers.{index}.{field}"
+            try:
+                names = references(source)
+            except ExpressionError as exc:
+                problems.append(Problem(location=location, message=f"expression does not parse: {exc}"))
+                continue
+            problems.extend(
+                Problem(location=location, message=f"references {name!r}; a trigger sees only 'message'")
+                for name in sorted(names - {MESSAGE})
+            )
+    return problems
 
 
 def _check_graph(nodes: list[Node], declared: set[str], outputs: Any) -> list[Problem]:

@@ -226,9 +226,28 @@ def command_payload(envelope: Envelope) -> BaseModel:
 
 
 def command_json_schema() -> dict[str, Any]:
-    """JSON Schema of the command envelope, so any program can publish commands."""
+    """JSON Schema of a command on `citadel.commands`, so any program can publish commands: the
+    envelope, and one variant per command type (`oneOf`, told apart by `type`) giving its payload."""
     schema = Envelope.model_json_schema()
-    schema["title"] = "Citadel command envelope (topic citadel.commands, key = run id)"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Citadel command (topic citadel.commands, key = run id)"
+    schema["properties"]["run_id"]["description"] = "the run, a UUID; also the message key"
+    schema["properties"]["id"]["description"] = "unique per command: a command id seen before is a no-op"
     schema["properties"]["type"]["enum"] = sorted(COMMANDS)
-    schema["$defs"] = {name: model.model_json_schema() for name, model in COMMANDS.items()}
+    schema["properties"]["schema_version"]["maximum"] = SCHEMA_VERSION  # older ones are upcast
+    definitions: dict[str, Any] = {}
+    variants = []
+    for name, model in sorted(COMMANDS.items()):
+        payload = model.model_json_schema(ref_template="#/$defs/{model}")
+        definitions.update(payload.pop("$defs", {}))
+        definitions[name] = payload
+        variants.append(
+            {
+                "properties": {"type": {"const": name}, "payload": {"$ref": f"#/$defs/{name}"}},
+                "required": ["type"],
+            }
+        )
+    schema["oneOf"] = variants
+    schema["discriminator"] = {"propertyName": "type"}  # for OpenAPI tools; JSON Schema ignores it
+    schema["$defs"] = definitions
     return schema

@@ -58,6 +58,7 @@ from streams.tracing import (
     record_run_span,
     traceparent,
 )
+from streams.triggers import Triggers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,6 +84,8 @@ class EngineSettings:
     executor_concurrency: int = 8
     start_report_seconds: float = 0.1
     reconcile: bool = True
+    trigger_poll_seconds: float = 1.0  # how often deployments are read for new triggers
+    trigger_batch: int = 500  # trigger messages taken at a time, committed together
     # Attempts in flight per tenant, workflow and node type (engine-wide); none by default here.
     admission: Limits = field(default_factory=Limits)
 
@@ -174,6 +177,7 @@ class Engine:
         self.producer: AIOKafkaProducer | None = None
         self.app: StreamApp = self._build_app()
         self.timers = Timers(self.clock, self._fire_timer)
+        self.triggers = Triggers(self)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citadel-store")
         self._decide_queue: asyncio.Queue[tuple[Any, Any]] = asyncio.Queue(settings.decide_queue)
         self._outbox_wake = asyncio.Event()
@@ -211,6 +215,7 @@ class Engine:
             self._decide_loop(),
             self._outbox_loop(),
             self.timers.run(),
+            self.triggers.run(),
             self.app.fetch_tuner.run(),
             *(self._local_executor() for _ in range(settings.executor_concurrency)),
         ):
@@ -249,10 +254,10 @@ class Engine:
 
     # ---- commands in -----------------------------------------------------
 
-    async def submit(self, command: Envelope) -> None:
-        """Publish a command and wait until the broker has it."""
-        assert self.producer is not None
-        await (await self._send(self._topic(COMMANDS), command.run_id, encode(command)))
+    async def submit(self, *commands: Envelope) -> None:
+        """Publish commands and wait until the broker has every one."""
+        deliveries = [await self._send(self._topic(COMMANDS), c.run_id, encode(c)) for c in commands]
+        await asyncio.gather(*deliveries)
 
     def _topic(self, name: str) -> str:
         return self.settings.kafka.topic(name)

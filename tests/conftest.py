@@ -14,6 +14,7 @@ import pytest
 from nodes.base import ExecutorRegistry
 from nodes.http import HttpExecutor
 from nodes.javascript import JavaScriptExecutor
+from nodes.kafka import KafkaExecutor
 from nodes.python import PythonExecutor
 from nodes.secrets import EnvironmentSecrets
 from streams.admission import Limits
@@ -80,6 +81,7 @@ def engine_factory(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
                 PythonExecutor(max_concurrency=python_concurrency),
                 JavaScriptExecutor(max_concurrency=2),
                 HttpExecutor(EnvironmentSecrets(), max_concurrency=4),
+                KafkaExecutor(kafka.bootstrap),
             ]
         )
         engine = Engine(settings, executors)

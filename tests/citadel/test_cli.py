@@ -215,3 +215,39 @@ def test_runs_rerun_reuses_upstream_outputs_and_executes_from_the_node_with_the_
     missing = citadel("runs", "rerun", original["run_id"], "--from", "nowhere", cwd=tmp_path)
     assert missing.returncode == 2
     assert "has no node 'nowhere'" in missing.stderr
+
+
+def test_deploy_stores_the_tenants_workflow_and_says_whether_the_version_is_new(tmp_path: Path) -> None:
+    from aggregates.store import RunStore
+
+    example = str(EXAMPLES / "orders-trigger.yaml")
+
+    first = citadel("deploy", example, "--tenant", "acme", cwd=tmp_path)
+    again = citadel("deploy", example, "--tenant", "acme", cwd=tmp_path)
+    changed = tmp_path / "changed.yaml"
+    changed.write_text((EXAMPLES / "orders-trigger.yaml").read_text().replace("* 1.2", "* 1.3"))
+    conflict = citadel("deploy", str(changed), "--tenant", "acme", cwd=tmp_path)
+
+    assert first.returncode == 0, first.stderr
+    assert "workflow 'orders' of tenant 'acme': version 1 deployed (new)" in first.stdout
+    assert "version 1 already deployed (unchanged)" in again.stdout
+    assert conflict.returncode == 2
+    assert "version 1 of workflow 'orders' is already deployed with a different definition" in conflict.stderr
+    store = RunStore(f"sqlite:///{tmp_path / '.citadel' / 'events.db'}")
+    try:
+        deployed = store.workflow("acme.orders").definition()
+    finally:
+        store.close()
+    assert deployed.triggers[0].topic == "orders"
+
+
+def test_deploy_refuses_an_invalid_definition_or_tenant_and_exits_2(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump({"name": "b", "nodes": [], "triggers": [{"topic": "citadel.commands"}]}))
+
+    invalid = citadel("deploy", str(broken), cwd=tmp_path)
+    bad_tenant = citadel("deploy", str(EXAMPLES / "linear.yaml"), "--tenant", "Acme.Corp", cwd=tmp_path)
+
+    assert invalid.returncode == 2
+    assert "triggers.0.topic" in invalid.stderr and "nodes" in invalid.stderr
+    assert bad_tenant.returncode == 2 and "a tenant is" in bad_tenant.stderr

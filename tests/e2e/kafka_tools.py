@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from streams.kafka import DEAD_LETTERS, KafkaSettings
 from streams.watch import topic_reader
@@ -43,3 +44,54 @@ async def read_until(
 async def dead_letters(kafka: KafkaSettings, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
     messages = await read_until(kafka, DEAD_LETTERS, lambda m: len(m) >= count, timeout)
     return [orjson.loads(m.value) for m in messages]
+
+
+async def read_all(kafka: KafkaSettings, topic: str, timeout: float = 30.0) -> list[Any]:
+    """Everything on one of the engine's topics so far: marks the end of each partition with a
+    message of our own, then reads up to the marks (the broker's end offsets are not reliable)."""
+    mark = f"end-of-read-{uuid.uuid4().hex}".encode()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    try:
+        for partition in range(kafka.partitions):
+            await producer.send_and_wait(kafka.topic(topic), mark, key=mark, partition=partition)
+    finally:
+        await producer.stop()
+    messages = await read_until(
+        kafka, topic, lambda m: sum(1 for x in m if x.key == mark) >= kafka.partitions, timeout
+    )
+    return [m for m in messages if m.key != mark]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)
+
+
+async def wait_committed(
+    kafka: KafkaSettings, group: str, topic: str, offset: int, timeout: float = 120.0
+) -> None:
+    """Until `group` has committed at least `offset` on partition 0 of a user topic."""
+    # A consumer that never joins the group reads its commits (the admin client's OffsetFetch
+    # does not speak the embedded broker's version).
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        async with asyncio.timeout(timeout):
+            while (await consumer.committed(TopicPartition(topic, 0)) or -1) < offset:
+                await asyncio.sleep(0.1)
+    finally:
+        await consumer.stop()
+
+
+async def reset_offsets(kafka: KafkaSettings, group: str, topic: str) -> None:
+    """Commit offset 0 for `group` on partition 0 of a user topic, so it reads everything again."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partition = TopicPartition(topic, 0)
+        consumer.assign([partition])
+        await consumer.commit({partition: 0})
+    finally:
+        await consumer.stop()

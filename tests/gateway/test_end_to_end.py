@@ -49,3 +49,23 @@ async def test_the_same_idempotency_key_returns_the_same_run(gateway: Gateway) -
     assert first["runId"] == second["runId"]
     events = await asyncio.wait_for(collect(gateway, first["runId"]), 60)
     assert [e["type"] for e in events].count("Started") == 1
+
+
+async def test_a_workflow_deployed_through_the_gateway_is_started_by_its_trigger_for_its_tenant(
+    gateway: Gateway,
+) -> None:
+    from tests.streams.test_triggers import order, orders, publish, started_runs, user_topic
+
+    kafka = gateway.engine.settings.kafka
+    topic = await user_topic(kafka)
+    broken = orders("hooked", "citadel.run-events")
+    refused = (await gateway.data(DEPLOY, {"d": broken}))["deployWorkflow"]
+    assert [p["location"] for p in refused["problems"]] == ["triggers.0.topic"]
+
+    deployed = (await gateway.data(DEPLOY, {"d": orders("hooked", topic)}))["deployWorkflow"]
+    assert deployed["created"] and deployed["problems"] == []
+    await publish(kafka, topic, [order("G-1", 15.0)])
+
+    (run_id,) = await started_runs(kafka, "acme.hooked", 1)
+    run = (await gateway.data(RUN, {"r": run_id}))["run"]
+    assert run["workflow"] == "hooked"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
+from jsonschema import Draft202012Validator
 
 from schemas import envelope as envelope_module
 from schemas.envelope import (
@@ -344,6 +346,49 @@ def test_the_command_json_schema_lists_every_command_and_its_payload() -> None:
     schema = command_json_schema()
 
     assert schema["properties"]["type"]["enum"] == sorted(COMMANDS)
-    assert set(schema["$defs"]) == set(COMMANDS)
+    assert set(COMMANDS) <= set(schema["$defs"])
     assert set(schema["required"]) == {"id", "type", "run_id", "time"}
     assert "error_class" in schema["$defs"]["NodeFailed"]["required"]
+
+
+VALID_PAYLOADS = {
+    "StartRun": {"workflow": "default.orders", "input": {"order": "A-1"}},
+    "AttemptStarted": {"node_id": "a", "attempt_id": "r:a:1"},
+    "NodeSucceeded": {"node_id": "a", "attempt_id": "r:a:1", "output": [1, 2]},
+    "NodeFailed": {"node_id": "a", "attempt_id": "r:a:1", "error_class": "Boom", "message": "no"},
+    "CancelRun": {},
+    "TimerFired": {"timer_id": "wait:r:a:1"},
+    "Signal": {"node_id": "approve", "payload": {"ok": True}},
+}
+INVALID_PAYLOADS = {
+    "StartRun": {"input": "not an object"},
+    "AttemptStarted": {"node_id": "a"},
+    "NodeSucceeded": {"attempt_id": "r:a:1"},
+    "NodeFailed": {"node_id": "a", "attempt_id": "r:a:1", "message": "no error class"},
+    "CancelRun": {"reason": "x", "urgent": True},
+    "TimerFired": {},
+    "Signal": {"payload": 1},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(COMMANDS))
+def test_the_command_json_schema_judges_each_kind_of_payload_as_the_engine_does(kind: str) -> None:
+    validator = Draft202012Validator(command_json_schema())
+    for payload, valid in ((VALID_PAYLOADS[kind], True), (INVALID_PAYLOADS[kind], False)):
+        command = Envelope.new(kind, str(uuid.uuid4()), payload)
+        document = orjson.loads(encode(command))
+        assert validator.is_valid(document) is valid, (kind, payload)
+        try:
+            command_payload(decode(encode(command)))
+            engine_accepts = True
+        except EnvelopeError:
+            engine_accepts = False
+        assert engine_accepts is valid, (kind, payload)
+
+
+def test_the_command_json_schema_refuses_an_unknown_type_and_a_missing_id() -> None:
+    validator = Draft202012Validator(command_json_schema())
+    document = orjson.loads(encode(Envelope.new("StartRun", str(uuid.uuid4()), VALID_PAYLOADS["StartRun"])))
+
+    assert not validator.is_valid({**document, "type": "Teleport"})
+    assert not validator.is_valid({k: v for k, v in document.items() if k != "id"})
