@@ -4,12 +4,15 @@ The `Workflow` aggregate is keyed by name alone, so the gateway namespaces every
 deploys, resolves and lists; a tenant never names (or guesses) another's workflow, because
 it cannot spell the prefix. Tenants contain no dot (`auth.TENANT`), so the prefix is
 unambiguous. A subworkflow node's `workflow` is namespaced the same way, so a child run
-starts the caller's own workflow.
+starts the caller's own workflow; and so are the user topics a definition reads (its Kafka
+triggers) and writes (its `kafka` nodes): tenant acme's topic `orders` is `acme.orders` on the
+broker, so no tenant reads or writes another's topics through the gateway.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 
@@ -27,28 +30,32 @@ def owns(tenant: str, stored: str) -> bool:
     return stored.startswith(f"{tenant}.")
 
 
+# Per node type, the config field that names a workflow or a topic of the tenant's.
+_NAMED_BY_NODES = {"subworkflow": "workflow", "kafka": "topic"}
+
+
 def scoped_definition(tenant: str, document: dict[str, Any]) -> dict[str, Any]:
-    """The definition as deployed for `tenant`: its name and its subworkflows' names namespaced."""
-    deployed = copy.deepcopy(document)
-    if isinstance(deployed.get("name"), str):
-        deployed["name"] = scoped(tenant, deployed["name"])
-    for node in deployed.get("nodes") or []:
-        config = node.get("config") if isinstance(node, dict) else None
-        if (
-            node.get("type") == "subworkflow"
-            and isinstance(config, dict)
-            and isinstance(config.get("workflow"), str)
-        ):
-            config["workflow"] = scoped(tenant, config["workflow"])
-    return deployed
+    """The definition as deployed for `tenant`: its name, its subworkflows' names and its user
+    topics namespaced."""
+    return _renamed(document, lambda name: scoped(tenant, name))
 
 
 def public_definition(tenant: str, document: dict[str, Any]) -> dict[str, Any]:
     """The inverse of `scoped_definition`, for showing a deployed definition to its tenant."""
-    shown = copy.deepcopy(document)
-    shown["name"] = public(tenant, shown.get("name", ""))
-    for node in shown.get("nodes") or []:
-        config = node.get("config")
-        if node.get("type") == "subworkflow" and isinstance(config, dict) and "workflow" in config:
-            config["workflow"] = public(tenant, config["workflow"])
-    return shown
+    return _renamed(document, lambda name: public(tenant, name))
+
+
+def _renamed(document: dict[str, Any], rename: Callable[[str], str]) -> dict[str, Any]:
+    renamed = copy.deepcopy(document)
+    if isinstance(renamed.get("name"), str):
+        renamed["name"] = rename(renamed["name"])
+    for node in renamed.get("nodes") or []:
+        if not isinstance(node, dict):
+            continue
+        config, field = node.get("config"), _NAMED_BY_NODES.get(str(node.get("type")))
+        if field is not None and isinstance(config, dict) and isinstance(config.get(field), str):
+            config[field] = rename(config[field])
+    for trigger in renamed.get("triggers") or []:
+        if isinstance(trigger, dict) and isinstance(trigger.get("topic"), str):
+            trigger["topic"] = rename(trigger["topic"])
+    return renamed

@@ -238,7 +238,7 @@ def test_deploy_stores_the_tenants_workflow_and_says_whether_the_version_is_new(
         deployed = store.workflow("acme.orders").definition()
     finally:
         store.close()
-    assert deployed.triggers[0].topic == "orders"
+    assert deployed.triggers[0].topic == "acme.orders"  # a tenant's topics are its own
 
 
 def test_deploy_refuses_an_invalid_definition_or_tenant_and_exits_2(tmp_path: Path) -> None:

@@ -57,12 +57,15 @@ async def test_a_workflow_deployed_through_the_gateway_is_started_by_its_trigger
     from tests.streams.test_triggers import order, orders, publish, started_runs, user_topic
 
     kafka = gateway.engine.settings.kafka
-    topic = await user_topic(kafka)
+    # Tenant acme's topic `orders-…` is `acme.orders-…` on the broker: its own namespace.
+    topic = await user_topic(kafka, prefix="acme.")
     broken = orders("hooked", "citadel.run-events")
     refused = (await gateway.data(DEPLOY, {"d": broken}))["deployWorkflow"]
     assert [p["location"] for p in refused["problems"]] == ["triggers.0.topic"]
 
-    deployed = (await gateway.data(DEPLOY, {"d": orders("hooked", topic)}))["deployWorkflow"]
+    deployed = (await gateway.data(DEPLOY, {"d": orders("hooked", topic.removeprefix("acme."))}))[
+        "deployWorkflow"
+    ]
     assert deployed["created"] and deployed["problems"] == []
     await publish(kafka, topic, [order("G-1", 15.0)])
 

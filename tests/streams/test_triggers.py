@@ -60,10 +60,10 @@ async def deploy(engine: Engine, document: dict[str, Any]) -> None:
     await engine._in_store(engine.store.deploy, parse_definition(document))
 
 
-async def user_topic(kafka: KafkaSettings) -> str:
+async def user_topic(kafka: KafkaSettings, prefix: str = "") -> str:
     """A topic of the user's (not in the engine's namespace), with one partition: its order is
     the order the trigger consumer takes its messages in."""
-    topic = f"orders-{uuid.uuid4().hex[:8]}"
+    topic = f"{prefix}orders-{uuid.uuid4().hex[:8]}"
     await ensure_topics(KafkaSettings(bootstrap=kafka.bootstrap, partitions=1), (topic,))
     return topic
 
