@@ -103,14 +103,9 @@ class Timetable(Aggregate):
             due = due_times(schedule, after, now, limit)
             if not due:
                 continue
-            if schedule.catch_up == "skip":
-                fired = [d for d in due if now - d <= MISFIRE_GRACE]
-            else:
-                fired = due
+            fired = [d for d in due if now - d <= MISFIRE_GRACE] if schedule.catch_up == "skip" else due
             firings.extend(self._firing(name, schedule, d) for d in fired)
-            self._fired(
-                schedule=name, through=due[-1].isoformat(), due_times=[d.isoformat() for d in fired]
-            )
+            self._fired(schedule=name, through=due[-1].isoformat(), due_times=[d.isoformat() for d in fired])
         return firings
 
     def next_due(self) -> dt.datetime | None:
@@ -151,12 +146,11 @@ def due_times(schedule: Schedule, after: dt.datetime, until: dt.datetime, limit:
     interval = schedule.interval
     if interval is not None:
         last = _EPOCH + (until - _EPOCH) // interval * interval
-        found = []
+        found: list[dt.datetime] = []
         while last > after and len(found) < limit:
             found.append(last)
             last -= interval
         return found[::-1]
-    found = []
     for moment in _cron_times(schedule, until + dt.timedelta(seconds=1), backwards=True):
         if moment <= after or len(found) == limit:
             break

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import orjson
 import yaml
-from jsonschema import Draft202012Validator
 from croniter import croniter
+from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -470,14 +470,18 @@ class Webhook(Strict):
         return _only_names(value, frozenset({BODY, HEADERS}))
 
 
+RunEnd = Literal["completed", "failed", "cancelled"]
+RUN_ENDS: tuple[RunEnd, ...] = ("completed", "failed", "cancelled")
+
+
 class Notify(Strict):
     """POSTs a signed JSON summary of the run to `url` when it ends as one of `on`."""
 
     url: str = Field(pattern=r"^https?://", max_length=2048)
-    on: list[Literal["completed", "failed", "cancelled"]] = Field(
-        default_factory=lambda: ["completed", "failed", "cancelled"], min_length=1
+    on: list[RunEnd] = Field(default_factory=lambda: list(RUN_ENDS), min_length=1)
+    secret: str | None = Field(
+        default=None, pattern=SECRET_NAME, description="name of the engine secret that signs the body"
     )
-    secret: str | None = Field(default=None, pattern=SECRET_NAME, description="signs the body; unsigned if absent")
     retry: RetryPolicy = Field(
         default_factory=lambda: RetryPolicy(max_attempts=5, delay_seconds=2.0, max_delay_seconds=600.0)
     )

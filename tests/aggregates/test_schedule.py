@@ -151,7 +151,8 @@ def test_the_input_is_the_constant_object_with_expressions_over_the_due_time() -
 def test_a_new_version_keeps_the_progress_of_unchanged_schedules_and_restarts_changed_ones() -> None:
     table = timetable({"name": "a", "every": 10}, {"name": "b", "every": 10})
     assert len(table.fire(at(10))) == 2
-    table.adopt(nightly({"name": "a", "every": 10, "input": {"v": 2}}, {"name": "b", "every": 20}, version=2), at(12))
+    changed = nightly({"name": "a", "every": 10, "input": {"v": 2}}, {"name": "b", "every": 20}, version=2)
+    table.adopt(changed, at(12))
     assert fired(table, at(12)) == []  # a: fired 10 already; b: counts from the adoption at 12
     a20, a30, b30 = table.fire(at(30))
     assert (a20.schedule, a20.due_at, a20.input, a20.workflow_version) == ("a", at(20), {"v": 2}, 2)
