@@ -144,9 +144,9 @@ class Timetable(Aggregate):
 def due_times(schedule: Schedule, after: dt.datetime, until: dt.datetime, limit: int) -> list[dt.datetime]:
     """The latest `limit` due times in (after, until], oldest first, in UTC."""
     interval = schedule.interval
+    found: list[dt.datetime] = []
     if interval is not None:
         last = _EPOCH + (until - _EPOCH) // interval * interval
-        found: list[dt.datetime] = []
         while last > after and len(found) < limit:
             found.append(last)
             last -= interval
