@@ -49,6 +49,7 @@ from streams.kafka import (
     producer,
     stream_app,
 )
+from streams.scheduler import Scheduler
 from streams.timers import Timers
 from streams.tracing import TRACEPARENT, attempt_span, parse_traceparent, traceparent
 
@@ -75,6 +76,7 @@ class EngineSettings:
     executor_concurrency: int = 8
     start_report_seconds: float = 0.1
     reconcile: bool = True
+    schedules: bool = True  # fire the schedules of deployed workflows (see streams/scheduler.py)
     # Attempts in flight per tenant, workflow and node type (engine-wide); none by default here.
     admission: Limits = field(default_factory=Limits)
 
@@ -190,6 +192,7 @@ class Engine:
         settings = self.settings
         self.store = await self._in_store(RunStore, settings.store_url, settings.snapshot_interval)
         self.ledger = await self._in_store(open_ledger, settings.store_url)
+        scheduler = Scheduler(self.store, self._in_store, self.submit, self.clock)
         await ensure_topics(settings.kafka)
         self.producer = producer(settings.kafka)
         await self.producer.start()
@@ -200,6 +203,7 @@ class Engine:
             self.timers.run(),
             self.app.fetch_tuner.run(),
             *(self._local_executor() for _ in range(settings.executor_concurrency)),
+            *([scheduler.run()] if settings.schedules else []),
         ):
             self._tasks.append(asyncio.create_task(coroutine))
         await self.app.start()

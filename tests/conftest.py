@@ -18,6 +18,7 @@ from nodes.python import PythonExecutor
 from nodes.secrets import EnvironmentSecrets
 from streams.admission import Limits
 from streams.broker import EmbeddedBroker
+from streams.clock import Clock
 from streams.engine import Engine, EngineSettings
 from streams.kafka import KafkaSettings
 
@@ -62,6 +63,7 @@ def engine_factory(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
         store_url: str | None = None,
         kafka: KafkaSettings | None = None,
         python_concurrency: int = 4,
+        clock: Clock | None = None,
         **overrides: Any,
     ) -> AsyncIterator[Engine]:
         home = tmp_path_factory.mktemp("engine")
@@ -82,7 +84,7 @@ def engine_factory(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
                 HttpExecutor(EnvironmentSecrets(), max_concurrency=4),
             ]
         )
-        engine = Engine(settings, executors)
+        engine = Engine(settings, executors, clock)
         await engine.start()
         try:
             yield engine
