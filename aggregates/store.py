@@ -34,6 +34,7 @@ from schemas.envelope import (
     EnvelopeError,
     NodeFailed,
     NodeSucceeded,
+    NotificationAttempted,
     RerunOf,
     Signal,
     StartRun,
@@ -222,11 +223,14 @@ class RunStore(Application[uuid.UUID]):
                     rerun_of={"run_id": payload.rerun.run_id, "from_node": payload.rerun.from_node},
                     reused=reused,
                 )
-                return APPLIED
-            definition = self._definition_for(payload, touched)
-            touched[key] = Run.start(
-                command.run_id, definition, payload.input, command.tenant, command.id, now, parent
-            )
+            else:
+                definition = self._definition_for(payload, touched)
+                touched[key] = Run.start(
+                    command.run_id, definition, payload.input, command.tenant, command.id, now, parent
+                )
+            started = touched[key]
+            assert isinstance(started, Run)
+            started.notify_ended(command.id, now)  # a run may end in its first decision
             return APPLIED
         run = self._get(key, touched)
         if not isinstance(run, Run):
@@ -235,6 +239,7 @@ class RunStore(Application[uuid.UUID]):
             return DUPLICATE
         version = run.version
         _apply_to_run(run, command, payload, now)
+        run.notify_ended(command.id, now)
         if run.version != version:
             touched[key] = run
         return APPLIED
@@ -396,5 +401,9 @@ def _apply_to_run(run: Run, command: Envelope, payload: BaseModel, now: dt.datet
         run.signal(payload.node_id, payload.payload, command.id, now)
     elif isinstance(payload, CancelRun):
         run.cancel(payload.reason, command.id)
+    elif isinstance(payload, NotificationAttempted):
+        run.notification_attempted(
+            payload.delivery_id, payload.attempt, payload.status_code, payload.error, command.id, now
+        )
     else:
         raise Rejected(f"command type {command.type} does not apply to a run")
