@@ -66,7 +66,8 @@ async def running_stack(
         assert settings.kafka is not None
         bootstrap = settings.kafka
     kafka = kafka_settings(settings, bootstrap)
-    executors = executor_registry(settings)
+    secrets = secret_store(settings)
+    executors = executor_registry(settings, secrets)
     engine = Engine(
         EngineSettings(
             kafka=kafka,
@@ -82,6 +83,7 @@ async def running_stack(
             ),
         ),
         executors,
+        secrets=secrets,
     )
     try:
         async with contextlib.AsyncExitStack() as projecting:
@@ -103,9 +105,12 @@ async def running_stack(
                 _broker_file(settings).unlink()
 
 
-def executor_registry(settings: Settings) -> ExecutorRegistry:
-    secrets: SecretStore = FileSecrets(settings.secrets_dir) if settings.secrets_dir else EnvironmentSecrets()
+def secret_store(settings: Settings) -> SecretStore:
+    """Where node executors, webhooks and notifications read secrets from."""
+    return FileSecrets(settings.secrets_dir) if settings.secrets_dir else EnvironmentSecrets()
 
+
+def executor_registry(settings: Settings, secrets: SecretStore) -> ExecutorRegistry:
     def concurrency(node_type: str) -> int:
         # A node type's limit also caps its executor here, so one worker never runs more of it.
         limit = settings.node_type_concurrency.get(node_type, settings.executor_concurrency)
