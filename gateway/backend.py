@@ -26,6 +26,7 @@ from gateway.auth import Principal
 from gateway.errors import GatewayError, Problem, not_found
 from gateway.live import RunEventHub, follow_run, follow_runs
 from gateway.tenancy import owns, public, scoped, scoped_definition
+from nodes.secrets import EnvironmentSecrets, SecretStore
 from projections.queries import Analytics
 from projections.rebuild import rebuild
 from schemas.definition import DefinitionInvalid, parse_definition
@@ -84,8 +85,10 @@ class Backend:
         submit: Submit,
         hub: RunEventHub,
         analytics: Analytics | None,
+        secrets: SecretStore | None = None,
     ) -> None:
         self.store = store
+        self.secrets = secrets or EnvironmentSecrets()  # webhook secrets, as the engine reads them
         self.submit = submit
         self.hub = hub
         self.analytics = analytics
@@ -165,7 +168,7 @@ class Backend:
             definition = found.definition(version)
         except KeyError:
             raise not_found(f"version {version} of workflow {workflow!r}") from None
-        problems = _input_problems(definition.input, run_input)
+        problems = input_problems(definition.input, run_input)
         if problems:
             raise GatewayError(
                 f"the input does not match the input schema of {workflow!r}", "INVALID_INPUT", problems
@@ -371,6 +374,6 @@ def _page_of_history(
     return events, end + 1
 
 
-def _input_problems(schema: dict[str, Any], value: Any) -> list[Problem]:
+def input_problems(schema: dict[str, Any], value: Any) -> list[Problem]:
     errors = sorted(Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
     return [Problem("input" + "".join(f".{p}" for p in e.absolute_path), e.message) for e in errors]
