@@ -487,6 +487,14 @@ class Notify(Strict):
     )
     timeout_seconds: float = Field(default=10.0, gt=0, le=300)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare `on:` key as the boolean true.
+        if isinstance(value, dict) and True in value and "on" not in value:
+            value = {("on" if key is True else key): item for key, item in value.items()}
+        return value
+
 
 class Problem(Strict):
     """One thing wrong with a definition, and where."""
