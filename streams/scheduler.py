@@ -81,8 +81,16 @@ class Scheduler:
         for workflow in await self._in_store(self._deployed):
             self._due[workflow] = now  # a new version: adopt its schedules now
         for workflow, due in list(self._due.items()):
-            if due <= now:
+            if due > now:
+                continue
+            try:
                 await self._fire(workflow, now)
+            except IntegrityError:
+                self._due[workflow] = now  # another worker saved first: read what it decided
+            except Exception:
+                # One workflow's trouble must not hold up the others' schedules.
+                log.exception("firing the schedules of %s failed; trying again", workflow)
+                self._due[workflow] = now + dt.timedelta(seconds=self._poll_seconds)
         wake = min(self._due.values(), default=None)
         delay = self._poll_seconds
         if wake is not None:
@@ -126,11 +134,7 @@ class Scheduler:
                 continue
             deliveries.append(self._submit(start_command(timetable, firing, self._clock.now())))
         await asyncio.gather(*deliveries)
-        try:
-            await self._in_store(self._store.save, timetable)
-        except IntegrityError:
-            self._due[workflow] = now  # another worker saved first: read what it decided
-            return
+        await self._in_store(self._store.save, timetable)
         upcoming = timetable.next_due()
         if upcoming is None:
             self._due.pop(workflow, None)
