@@ -352,8 +352,9 @@ def _runs(store: RunStore, tenant: str, run_ids: list[str]) -> list[Run | None]:
 def _events_after(store: RunStore, run_id: str, tenant: str, after: int) -> tuple[list[Envelope], bool]:
     """The run's events after version `after`, and whether its last event ends it."""
     events = [event_envelope(e, tenant) for e in store.run_events(run_id, after or None)]
-    if events:
-        return events, events[-1].type in ("Completed", "Failed", "Cancelled")
+    if events and events[-1].type in ("Completed", "Failed", "Cancelled"):
+        return events, True
+    # Notification attempts may follow the end: the run's status says whether it has ended.
     return events, store.run(run_id).status in TERMINAL_RUN
 
 
