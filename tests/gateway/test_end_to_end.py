@@ -49,3 +49,21 @@ async def test_the_same_idempotency_key_returns_the_same_run(gateway: Gateway) -
     assert first["runId"] == second["runId"]
     events = await asyncio.wait_for(collect(gateway, first["runId"]), 60)
     assert [e["type"] for e in events].count("Started") == 1
+
+
+async def test_watching_a_run_whose_history_goes_on_after_its_end_still_ends(gateway: Gateway) -> None:
+    told = {
+        "name": "told",
+        "nodes": [{"id": "a", "type": "transform", "config": {"output": "1"}}],
+        "notify": [{"url": "http://127.0.0.1:9/unreachable", "retry": {"max_attempts": 1}}],
+    }
+    assert (await gateway.data(DEPLOY, {"d": told}))["deployWorkflow"]["problems"] == []
+    run_id = (await gateway.data(START, {"w": "told", "i": {}}))["startRun"]["runId"]
+    async with asyncio.timeout(60):
+        while True:  # the run ended, then its one delivery attempt failed
+            events = await asyncio.wait_for(collect(gateway, run_id, 1), 60)
+            if events[-1]["type"] == "NotificationAttempted":
+                break
+            await asyncio.sleep(0.2)
+    types = [e["type"] for e in events]
+    assert types[-3:] == ["Completed", "NotificationsScheduled", "NotificationAttempted"]
