@@ -200,8 +200,8 @@ class Engine:
         settings = self.settings
         self.store = await self._in_store(RunStore, settings.store_url, settings.snapshot_interval)
         self.ledger = await self._in_store(open_ledger, settings.store_url)
-        scheduler = Scheduler(self.store, self._in_store, self.submit, self.clock)
-        self.notifier = Notifier(self.store, self._in_store, self.submit, self.clock, self.secrets)
+        scheduler = Scheduler(self.store, self._in_store, self._submit_here, self.clock)
+        self.notifier = Notifier(self.store, self._in_store, self._submit_here, self.clock, self.secrets)
         await ensure_topics(settings.kafka)
         self.producer = producer(settings.kafka)
         await self.producer.start()
@@ -254,6 +254,11 @@ class Engine:
         """Publish a command and wait until the broker has it."""
         assert self.producer is not None
         await (await self._send(self._topic(COMMANDS), command.run_id, encode(command)))
+
+    async def _submit_here(self, command: Envelope) -> None:
+        """Submit a command this worker made (a scheduled start, a delivery's outcome), deciding
+        it here at once if this worker decides its run."""
+        await (await self._report(command))
 
     def _topic(self, name: str) -> str:
         return self.settings.kafka.topic(name)
