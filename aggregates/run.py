@@ -25,6 +25,7 @@ RUNNING = "running"
 COMPENSATING = "compensating"
 ACTIVE_RUN = frozenset({RUNNING, COMPENSATING})
 TERMINAL_RUN = frozenset({"completed", "failed", "cancelled"})
+PENDING = "pending"  # a notification delivery not yet delivered nor given up
 COMPENSATE = ".compensate"
 CHILD_RUNS = uuid.UUID("0b6f4f7e-5a0c-4d3e-9e51-8c1d2f0a7b33")
 # "recovered": failed for good, but its on_error said continue or named a handler.
@@ -66,6 +67,11 @@ def run_uuid(run_id: str) -> uuid.UUID:
 
 
 class Run(Aggregate):
+    # delivery id -> {index, url, attempt, due_at, outcome, ended_at}: the outgoing webhooks of
+    # the run's end (`notify`); None until the run has ended. A class default, for snapshots
+    # taken before notifications existed.
+    notifications: dict[str, dict[str, Any]] | None = None
+
     @staticmethod
     def create_id(run_id: str, **_: Any) -> uuid.UUID:
         return run_uuid(run_id)
@@ -272,6 +278,64 @@ class Run(Aggregate):
             raise Rejected(f"run {self.run_id} is already {self.status}; it cannot be cancelled")
         self._cancel_children(reason, command_id)
         self._cancelled(reason=reason, command_id=command_id)
+
+    def notify_ended(self, command_id: str, now: dt.datetime) -> None:
+        """A run that has just ended schedules a delivery to each `notify` target asking for its end."""
+        if self.status not in TERMINAL_RUN or self.notifications is not None:
+            return
+        deliveries = {
+            f"{self.run_id}:notify:{index}": {
+                "index": index,
+                "url": target.url,
+                "attempt": 1,
+                "due_at": now.isoformat(),
+                "outcome": PENDING,
+                "ended_at": now.isoformat(),
+            }
+            for index, target in enumerate(self.spec.notify)
+            if self.status in target.on
+        }
+        if deliveries:
+            self._notifications_scheduled(deliveries=deliveries, command_id=command_id)
+
+    def notification_attempted(
+        self,
+        delivery_id: str,
+        attempt: int,
+        status_code: int | None,
+        error: str | None,
+        command_id: str,
+        now: dt.datetime,
+    ) -> None:
+        """The outcome of one delivery attempt: delivered, retried after the target's backoff, or
+        failed for good once its attempts are spent."""
+        delivery = (self.notifications or {}).get(delivery_id)
+        if delivery is None:
+            raise Rejected(f"run {self.run_id} has no notification delivery {delivery_id!r}")
+        if delivery["outcome"] != PENDING or delivery["attempt"] != attempt:
+            return  # news of an attempt already recorded
+        policy = self.spec.notify[delivery["index"]].retry
+        next_attempt_at = None
+        if error is None and status_code is not None and 200 <= status_code < 300:
+            outcome = "delivered"
+        elif attempt < policy.max_attempts:
+            outcome = "retrying"
+            delay = policy.delay_before(attempt + 1, f"{delivery_id}:{attempt + 1}")
+            next_attempt_at = (now + dt.timedelta(seconds=delay)).isoformat()
+        else:
+            outcome = "failed"
+        others = len(self.pending_deliveries()) - 1
+        self._notification_attempted(
+            delivery_id=delivery_id,
+            url=delivery["url"],
+            attempt=attempt,
+            status_code=status_code,
+            error=error,
+            outcome=outcome,
+            next_attempt_at=next_attempt_at,
+            outstanding=others + (outcome == "retrying"),
+            command_id=command_id,
+        )
 
     def advance(self, command_id: str, now: dt.datetime) -> None:
         """Schedule every node whose needs are done, skip what a false `when` rules out, finish."""
@@ -844,6 +908,33 @@ class Run(Aggregate):
         self.timers.clear()
         self.applied[command_id] = 1
 
+    @event("NotificationsScheduled")
+    def _notifications_scheduled(self, deliveries: dict[str, dict[str, Any]], command_id: str) -> None:
+        self.notifications = deliveries
+        self.applied[command_id] = 1
+
+    @event("NotificationAttempted")
+    def _notification_attempted(
+        self,
+        delivery_id: str,
+        url: str,
+        attempt: int,
+        status_code: int | None,
+        error: str | None,
+        outcome: str,
+        next_attempt_at: str | None,
+        outstanding: int,
+        command_id: str,
+    ) -> None:
+        # `outstanding`: deliveries of this run still pending after this attempt.
+        assert self.notifications is not None
+        delivery = self.notifications[delivery_id]
+        if outcome == "retrying":
+            delivery.update(attempt=attempt + 1, due_at=next_attempt_at)
+        else:
+            delivery["outcome"] = outcome
+        self.applied[command_id] = 1
+
     def _drop_timers(self, node_id: str) -> None:
         # A wait or an approval ended: its timer has nothing left to do.
         for timer_id in [
@@ -869,6 +960,10 @@ class Run(Aggregate):
             for node_id, state in self.nodes.items()
             if state["status"] == "scheduled" and state.get("child_run_id")
         ]
+
+    def pending_deliveries(self) -> dict[str, dict[str, Any]]:
+        """Notification deliveries not yet delivered nor given up (to arm again on start)."""
+        return {k: d for k, d in (self.notifications or {}).items() if d["outcome"] == PENDING}
 
     def unfinished_attempts(self) -> list[dict[str, Any]]:
         """Attempts scheduled for an executor and not yet finished (to dispatch again on start)."""

@@ -24,7 +24,8 @@ from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
 from aggregates.run import DONE_NODE, Rejected, Run, run_uuid
-from aggregates.workflow import VersionConflict, Workflow, workflow_id
+from aggregates.schedule import Timetable, timetable_id
+from aggregates.workflow import VersionConflict, Workflow, tenant_of, workflow_id
 from schemas.definition import DefinitionInvalid, WorkflowDefinition, parse_definition
 from schemas.envelope import (
     AttemptStarted,
@@ -33,6 +34,7 @@ from schemas.envelope import (
     EnvelopeError,
     NodeFailed,
     NodeSucceeded,
+    NotificationAttempted,
     RerunOf,
     Signal,
     StartRun,
@@ -93,13 +95,13 @@ def persistence_env(url: str) -> dict[str, str]:
 
 class RunStore(Application[uuid.UUID]):
     name = "Citadel"
-    snapshotting_intervals = {Run: 100}
+    snapshotting_intervals = {Run: 100, Timetable: 100}
 
     def __init__(self, url: str, snapshot_interval: int = 100, cache_size: int = 10_000) -> None:
         self.url = url
         super().__init__(env=persistence_env(url))
         # The library reads this class-level seam through the instance; set it per store.
-        self.snapshotting_intervals = {Run: snapshot_interval}  # type: ignore[misc]
+        self.snapshotting_intervals = {Run: snapshot_interval, Timetable: 100}  # type: ignore[misc]
         self._cache: OrderedDict[uuid.UUID, Run | Workflow] = OrderedDict()
         self._deployed: set[tuple[str, int, str]] = set()  # (name, version, digest) known saved
         self._recent: OrderedDict[str, None] = OrderedDict()  # ids of commands this store applied
@@ -121,6 +123,25 @@ class RunStore(Application[uuid.UUID]):
         except AggregateNotFoundError:
             raise KeyError(f"no workflow {name!r} is deployed") from None
         return workflow
+
+    def timetable(self, workflow: str, now: dt.datetime) -> Timetable | None:
+        """The workflow's timetable with the latest version's schedules in force, as read now
+        (not cached: other workers fire the same schedules); None if it never had schedules.
+
+        The caller fires it and saves it; a save that conflicts means another worker did first.
+        """
+        try:
+            definition = self.workflow(workflow).definition()
+        except KeyError:
+            return None
+        try:
+            timetable: Timetable = self.repository.get(timetable_id(workflow))
+        except AggregateNotFoundError:
+            if not definition.schedules:
+                return None
+            timetable = Timetable(workflow=workflow, tenant=tenant_of(workflow))
+        timetable.adopt(definition, now)
+        return timetable
 
     def run_events(self, run_id: str, after: int | None = None) -> list[Any]:
         """A run's events in order, or only those after version `after`."""
@@ -202,11 +223,14 @@ class RunStore(Application[uuid.UUID]):
                     rerun_of={"run_id": payload.rerun.run_id, "from_node": payload.rerun.from_node},
                     reused=reused,
                 )
-                return APPLIED
-            definition = self._definition_for(payload, touched)
-            touched[key] = Run.start(
-                command.run_id, definition, payload.input, command.tenant, command.id, now, parent
-            )
+            else:
+                definition = self._definition_for(payload, touched)
+                touched[key] = Run.start(
+                    command.run_id, definition, payload.input, command.tenant, command.id, now, parent
+                )
+            started = touched[key]
+            assert isinstance(started, Run)
+            started.notify_ended(command.id, now)  # a run may end in its first decision
             return APPLIED
         run = self._get(key, touched)
         if not isinstance(run, Run):
@@ -215,6 +239,7 @@ class RunStore(Application[uuid.UUID]):
             return DUPLICATE
         version = run.version
         _apply_to_run(run, command, payload, now)
+        run.notify_ended(command.id, now)
         if run.version != version:
             touched[key] = run
         return APPLIED
@@ -376,5 +401,9 @@ def _apply_to_run(run: Run, command: Envelope, payload: BaseModel, now: dt.datet
         run.signal(payload.node_id, payload.payload, command.id, now)
     elif isinstance(payload, CancelRun):
         run.cancel(payload.reason, command.id)
+    elif isinstance(payload, NotificationAttempted):
+        run.notification_attempted(
+            payload.delivery_id, payload.attempt, payload.status_code, payload.error, command.id, now
+        )
     else:
         raise Rejected(f"command type {command.type} does not apply to a run")

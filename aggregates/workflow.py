@@ -10,6 +10,7 @@ from eventsourcing.domain import Aggregate, event
 from schemas.definition import WorkflowDefinition
 
 WORKFLOW_NAMESPACE = uuid.UUID("6f1c2a43-0d7e-4c7b-9a4e-3c1f2b8d9e01")
+DEFAULT_TENANT = "default"
 
 
 class VersionConflict(Exception):
@@ -18,6 +19,13 @@ class VersionConflict(Exception):
 
 def workflow_id(name: str) -> uuid.UUID:
     return uuid.uuid5(WORKFLOW_NAMESPACE, name)
+
+
+def tenant_of(name: str) -> str:
+    """The tenant a deployed workflow belongs to: `TENANT.NAME` as the gateway deploys it
+    (see gateway/tenancy.py), else the default tenant."""
+    tenant, dot, _ = name.partition(".")
+    return tenant if dot else DEFAULT_TENANT
 
 
 class Workflow(Aggregate):

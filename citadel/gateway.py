@@ -94,13 +94,9 @@ async def running_gateway(
     if projector is not None:
         metrics.sources.append(projector.projector.metrics.prometheus)
     store = RunStore(settings.event_store)
-    backend = Backend(
-        store,
-        engine.submit,
-        hub,
-        Analytics(connection.client) if connection else None,
-        projector.projector.paused if projector is not None else None,
-    )
+    analytics = Analytics(connection.client) if connection else None
+    pause = projector.projector.paused if projector is not None else None
+    backend = Backend(store, engine.submit, hub, analytics, engine.secrets, pause)
     checks: dict[str, Any] = {
         "broker": lambda: _broker_answers(engine),
         "event_store": lambda: backend.in_store(store.recorder.max_notification_id),

@@ -68,7 +68,8 @@ async def running_stack(
         assert settings.kafka is not None
         bootstrap = settings.kafka
     kafka = kafka_settings(settings, bootstrap)
-    executors = executor_registry(settings, bootstrap)
+    secrets = secret_store(settings)
+    executors = executor_registry(settings, secrets, bootstrap)
     engine = Engine(
         EngineSettings(
             kafka=kafka,
@@ -84,6 +85,7 @@ async def running_stack(
             ),
         ),
         executors,
+        secrets=secrets,
     )
     try:
         async with contextlib.AsyncExitStack() as projecting:
@@ -105,11 +107,14 @@ async def running_stack(
                 _broker_file(settings).unlink()
 
 
-def executor_registry(settings: Settings, bootstrap: str) -> ExecutorRegistry:
-    store: SecretStore = FileSecrets(settings.secrets_dir) if settings.secrets_dir else EnvironmentSecrets()
-    # Whatever value a node is given, no log line of this process may show.
-    secrets = RevealedSecrets(store, REDACTION)
+def secret_store(settings: Settings) -> SecretStore:
+    """Where node executors, webhooks and notifications read secrets from. Whatever value it
+    hands out, no log line of this process may show."""
+    store = FileSecrets(settings.secrets_dir) if settings.secrets_dir else EnvironmentSecrets()
+    return RevealedSecrets(store, REDACTION)
 
+
+def executor_registry(settings: Settings, secrets: SecretStore, bootstrap: str) -> ExecutorRegistry:
     def concurrency(node_type: str) -> int:
         # A node type's limit also caps its executor here, so one worker never runs more of it.
         limit = settings.node_type_concurrency.get(node_type, settings.executor_concurrency)

@@ -1,6 +1,6 @@
 """The gateway's HTTP application: `/graphql` (queries, mutations; subscriptions over
-graphql-transport-ws), `/health`, `/ready`, `/metrics` and the dashboard page (`/`, `/dashboard`,
-its files under `/static/`), with request size and rate limits."""
+graphql-transport-ws), `/hooks/...` (incoming webhooks), `/health`, `/ready`, `/metrics` and the
+dashboard page (`/`, `/dashboard`, its files under `/static/`), with request size and rate limits."""
 
 from __future__ import annotations
 
@@ -23,13 +23,22 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 
 from gateway.auth import RateLimit, TokenKeys, TokenVerifier
 from gateway.backend import Backend
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, Problem
+from gateway.hooks import hooks_router
 from gateway.metrics import GatewayMetrics
 from gateway.schema import Context, build_schema
 
 log = logging.getLogger(__name__)
 Check = Callable[[], Awaitable[Any]]
-STATUS = {"UNAUTHENTICATED": 401, "FORBIDDEN": 403, "RATE_LIMITED": 429, "TOO_LARGE": 413}
+STATUS = {
+    "UNAUTHENTICATED": 401,
+    "FORBIDDEN": 403,
+    "NOT_FOUND": 404,
+    "TOO_LARGE": 413,
+    "INVALID_INPUT": 422,
+    "RATE_LIMITED": 429,
+    "UNAVAILABLE": 503,
+}
 STATIC = Path(__file__).parent / "static"
 # A Host header fit to name in the page's policy (anything else: same-origin fetches only).
 HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
@@ -97,10 +106,11 @@ def create_app(
     metrics.subscriptions.set_function(lambda: len(backend.hub.subscribers))
     app = FastAPI(title="Citadel gateway", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(router, prefix="/graphql")
+    app.include_router(hooks_router(backend, rate_limit))
 
     @app.exception_handler(GatewayError)
     async def refused(_: Request, exc: GatewayError) -> JSONResponse:
-        return _error(STATUS.get(exc.code, 400), exc.message, exc.code)
+        return _error(STATUS.get(exc.code, 400), exc.message, exc.code, exc.problems)
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, exc: Exception) -> JSONResponse:
@@ -162,8 +172,11 @@ def dashboard_headers(host: str) -> dict[str, str]:
     }
 
 
-def _error(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"errors": [{"message": message, "extensions": {"code": code}}]}, status)
+def _error(status: int, message: str, code: str, problems: list[Problem] | None = None) -> JSONResponse:
+    extensions: dict[str, Any] = {"code": code}
+    if problems:
+        extensions["problems"] = [{"location": p.location, "message": p.message} for p in problems]
+    return JSONResponse({"errors": [{"message": message, "extensions": extensions}]}, status)
 
 
 class SizeLimit:

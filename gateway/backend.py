@@ -27,6 +27,7 @@ from gateway.auth import Principal
 from gateway.errors import GatewayError, Problem, not_found
 from gateway.live import RunEventHub, follow_run, follow_runs
 from gateway.tenancy import owns, public, scoped, scoped_definition
+from nodes.secrets import EnvironmentSecrets, SecretStore
 from projections.queries import Analytics
 from projections.rebuild import rebuild
 from schemas.definition import DefinitionInvalid, parse_definition
@@ -85,9 +86,11 @@ class Backend:
         submit: Submit,
         hub: RunEventHub,
         analytics: Analytics | None,
+        secrets: SecretStore | None = None,
         pause_projector: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
         self.store = store
+        self.secrets = secrets or EnvironmentSecrets()  # webhook secrets, as the engine reads them
         self.pause_projector = pause_projector
         self.submit = submit
         self.hub = hub
@@ -168,7 +171,7 @@ class Backend:
             definition = found.definition(version)
         except KeyError:
             raise not_found(f"version {version} of workflow {workflow!r}") from None
-        problems = _input_problems(definition.input, run_input)
+        problems = input_problems(definition.input, run_input)
         if problems:
             raise GatewayError(
                 f"the input does not match the input schema of {workflow!r}", "INVALID_INPUT", problems
@@ -376,8 +379,9 @@ def _runs(store: RunStore, tenant: str, run_ids: list[str]) -> list[Run | None]:
 def _events_after(store: RunStore, run_id: str, tenant: str, after: int) -> tuple[list[Envelope], bool]:
     """The run's events after version `after`, and whether its last event ends it."""
     events = [event_envelope(e, tenant) for e in store.run_events(run_id, after or None)]
-    if events:
-        return events, events[-1].type in ("Completed", "Failed", "Cancelled")
+    if events and events[-1].type in ("Completed", "Failed", "Cancelled"):
+        return events, True
+    # Notification attempts may follow the end: the run's status says whether it has ended.
     return events, store.run(run_id).status in TERMINAL_RUN
 
 
@@ -398,6 +402,6 @@ def _page_of_history(
     return events, end + 1
 
 
-def _input_problems(schema: dict[str, Any], value: Any) -> list[Problem]:
+def input_problems(schema: dict[str, Any], value: Any) -> list[Problem]:
     errors = sorted(Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
     return [Problem("input" + "".join(f".{p}" for p in e.absolute_path), e.message) for e in errors]

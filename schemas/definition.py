@@ -7,16 +7,28 @@
 from __future__ import annotations
 
 import ast
+import datetime as dt
 import hashlib
+import re
+import zoneinfo
 from collections.abc import Iterable
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
 import orjson
 import yaml
+from croniter import croniter
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from schemas.expressions import BUILTINS, ExpressionError, references
 
@@ -373,6 +385,10 @@ class WorkflowDefinition(Strict):
     nodes: list[Node] = Field(min_length=1)
     outputs: dict[str, str] = Field(default_factory=dict)
     triggers: list[KafkaTrigger] = Field(default_factory=list, description="Kafka topics that start runs")
+    # Triggers and outputs: what starts runs besides a caller, and whom a run's end is told.
+    schedules: list[Schedule] = Field(default_factory=list, max_length=100)
+    webhook: Webhook | None = None
+    notify: list[Notify] = Field(default_factory=list, max_length=20)
 
     def node(self, node_id: str) -> Node:
         return self._by_id()[node_id]
@@ -403,6 +419,151 @@ class WorkflowDefinition(Strict):
 
     def digest(self) -> str:
         return self._digest
+
+
+# ---- triggers and outputs: schedules, the incoming webhook, outgoing notifications ----------
+
+SECRET_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"  # as nodes/secrets.py reads them
+# What a schedule's `inputs` expressions see: {name, due_at (RFC 3339, UTC), workflow}.
+SCHEDULE = "schedule"
+# What a webhook's `inputs` expressions see: the JSON request body and the request headers.
+BODY, HEADERS = "body", "headers"
+_INTERVAL = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def interval_seconds(value: float | str) -> float:
+    """Seconds of an interval given as a number of seconds or as text like "15m", "1h30m", "2d"."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _INTERVAL.match(value.strip())
+    if not value.strip() or match is None:
+        raise ValueError(f"{value!r} is not an interval: give seconds, or e.g. '90s', '15m', '1h30m', '2d'")
+    days, hours, minutes, seconds = (float(part or 0) for part in match.groups())
+    return days * 86_400 + hours * 3600 + minutes * 60 + seconds
+
+
+def _only_names(mapping: dict[str, str], allowed: frozenset[str]) -> dict[str, str]:
+    for name, source in mapping.items():
+        try:
+            unknown = references(source) - allowed
+        except ExpressionError as exc:
+            raise ValueError(f"{name}: expression does not parse: {exc}") from None
+        if unknown:
+            known = ", ".join(sorted(allowed))
+            raise ValueError(f"{name}: references {', '.join(sorted(unknown))}; it may use only {known}")
+    return mapping
+
+
+class Schedule(Strict):
+    """Starts a run at each due time: of a 5-field `cron` expression in `timezone`, or `every`
+    fixed interval (counted from 1970-01-01 UTC, so '15m' fires at :00, :15, :30, :45)."""
+
+    name: str | None = Field(default=None, pattern=NODE_ID, max_length=64, description="default: its index")
+    cron: str | None = Field(default=None, description="minute hour day-of-month month day-of-week")
+    timezone: str = Field(default="UTC", description="IANA name the cron expression is read in")
+    every: float | str | None = Field(default=None, description="seconds, or text like '15m', '1h30m'")
+    input: dict[str, Any] = Field(default_factory=dict, description="the run input: a constant object")
+    inputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="input field: expression over `schedule` ({name, due_at, workflow}); over `input`",
+    )
+    catch_up: Literal["skip", "once", "all"] = Field(
+        default="skip",
+        description="due times missed while no engine ran: skip them, start one run for the latest, "
+        "or start one run for each (the latest max_catch_up)",
+    )
+    max_catch_up: int = Field(default=100, ge=1, le=10_000)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None and (len(value.split()) != 5 or not croniter.is_valid(value)):
+            raise ValueError(
+                f"{value!r} is not a 5-field cron expression (minute hour day-of-month month day-of-week)"
+            )
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone (e.g. 'Europe/Berlin', 'UTC')") from None
+        return value
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: float | str | None) -> float | str | None:
+        if value is not None and not 1 <= interval_seconds(value) <= 366 * 86_400:
+            raise ValueError("the interval must be between 1 second and 366 days")
+        return value
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, value: dict[str, str]) -> dict[str, str]:
+        return _only_names(value, frozenset({SCHEDULE}))
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Schedule:
+        if (self.cron is None) == (self.every is None):
+            raise ValueError("give exactly one of cron and every")
+        return self
+
+    @property
+    def zone(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+    @property
+    def interval(self) -> dt.timedelta | None:
+        return None if self.every is None else dt.timedelta(seconds=interval_seconds(self.every))
+
+    def timing(self) -> tuple[str | None, str, float | None]:
+        """What decides the due times: two schedules with the same timing share them."""
+        interval = self.interval
+        return self.cron, self.timezone, None if interval is None else interval.total_seconds()
+
+
+class Webhook(Strict):
+    """`POST /hooks/{tenant}/{workflow}` starts a run, signed with HMAC-SHA256 by `secret`."""
+
+    secret: str = Field(pattern=SECRET_NAME, description="name of the engine secret that signs requests")
+    inputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="input field: expression over `body` and `headers`; the body is the input when empty",
+    )
+    tolerance_seconds: float = Field(default=300.0, gt=0, le=86_400, description="replay window")
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, value: dict[str, str]) -> dict[str, str]:
+        return _only_names(value, frozenset({BODY, HEADERS}))
+
+
+RunEnd = Literal["completed", "failed", "cancelled"]
+RUN_ENDS: tuple[RunEnd, ...] = ("completed", "failed", "cancelled")
+
+
+class Notify(Strict):
+    """POSTs a signed JSON summary of the run to `url` when it ends as one of `on`."""
+
+    url: str = Field(pattern=r"^https?://", max_length=2048)
+    on: list[RunEnd] = Field(default_factory=lambda: list(RUN_ENDS), min_length=1)
+    secret: str | None = Field(
+        default=None, pattern=SECRET_NAME, description="name of the engine secret that signs the body"
+    )
+    retry: RetryPolicy = Field(
+        default_factory=lambda: RetryPolicy(max_attempts=5, delay_seconds=2.0, max_delay_seconds=600.0)
+    )
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare `on:` key as the boolean true.
+        if isinstance(value, dict) and True in value and "on" not in value:
+            value = {("on" if key is True else key): item for key, item in value.items()}
+        return value
 
 
 class Problem(Strict):
@@ -569,7 +730,7 @@ def _check_triggers(raw_triggers: list[Any]) -> list[Problem]:
         except ValidationError:
             continue
         for field, source in trigger.expressions():
-            location = f"triggers.{index}.{field}"
+            location = f"triggers[{index}].{field}"
             try:
                 names = references(source)
             except ExpressionError as exc:
@@ -739,10 +900,14 @@ def _problems_from(
         loc = [str(part) for part in error["loc"]]
         if skip_nodes and loc and loc[0] == "nodes":
             continue  # already reported per node
-        path = ".".join(loc)
+        path = ""
+        for part in error["loc"]:  # a list item is named by its index: schedules[0].cron
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
         location = f"{prefix}.{path}" if prefix and path else (prefix or path or "document")
         message = error["msg"]
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "value_error":
+            message = str(error.get("ctx", {}).get("error", message))
+        elif error["type"] == "extra_forbidden":
             message = "unknown field"
         elif error["type"] == "missing":
             message = "required field is missing"

@@ -199,6 +199,16 @@ class TimerFired(BaseModel):
     timer_id: str
 
 
+class NotificationAttempted(BaseModel):
+    """The outcome of one attempt to deliver a run's outgoing webhook (`notify`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    delivery_id: str
+    attempt: int = Field(ge=1)
+    status_code: int | None = None
+    error: str | None = None
+
+
 COMMANDS: dict[str, type[BaseModel]] = {
     "StartRun": StartRun,
     "AttemptStarted": AttemptStarted,
@@ -207,6 +217,7 @@ COMMANDS: dict[str, type[BaseModel]] = {
     "CancelRun": CancelRun,
     "TimerFired": TimerFired,
     "Signal": Signal,
+    "NotificationAttempted": NotificationAttempted,
 }
 
 

@@ -34,6 +34,7 @@ from aggregates.ledger import Ledger, open_ledger
 from aggregates.run import ACTIVE_RUN, Run, run_uuid
 from aggregates.store import REJECTED, RunStore
 from nodes.base import ExecutorRegistry
+from nodes.secrets import EnvironmentSecrets, SecretStore
 from schemas.envelope import Envelope, EnvelopeError, decode, encode
 from schemas.tasks import NodeOutcome, NodeTask
 from streams.admission import Admission, Attempt, Limits
@@ -49,6 +50,8 @@ from streams.kafka import (
     producer,
     stream_app,
 )
+from streams.notify import Notifier
+from streams.scheduler import Scheduler
 from streams.timers import Timers
 from streams.tracing import (
     TRACEPARENT,
@@ -86,6 +89,7 @@ class EngineSettings:
     reconcile: bool = True
     trigger_poll_seconds: float = 1.0  # how often deployments are read for new triggers
     trigger_batch: int = 500  # trigger messages taken at a time, committed together
+    schedules: bool = True  # fire the schedules of deployed workflows (see streams/scheduler.py)
     # Attempts in flight per tenant, workflow and node type (engine-wide); none by default here.
     admission: Limits = field(default_factory=Limits)
 
@@ -167,11 +171,17 @@ def child_result(
 
 class Engine:
     def __init__(
-        self, settings: EngineSettings, executors: ExecutorRegistry, clock: Clock | None = None
+        self,
+        settings: EngineSettings,
+        executors: ExecutorRegistry,
+        clock: Clock | None = None,
+        secrets: SecretStore | None = None,
     ) -> None:
         self.settings = settings
         self.executors = executors
         self.clock = clock or SystemClock()
+        self.secrets = secrets or EnvironmentSecrets()  # signs outgoing webhooks
+        self.notifier: Notifier | None = None
         self.store: RunStore | None = None
         self.ledger: Ledger | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -207,6 +217,8 @@ class Engine:
         settings = self.settings
         self.store = await self._in_store(RunStore, settings.store_url, settings.snapshot_interval)
         self.ledger = await self._in_store(open_ledger, settings.store_url)
+        scheduler = Scheduler(self.store, self._in_store, self._submit_here, self.clock)
+        self.notifier = Notifier(self.store, self._in_store, self._submit_here, self.clock, self.secrets)
         await ensure_topics(settings.kafka)
         self.producer = producer(settings.kafka)
         await self.producer.start()
@@ -216,8 +228,10 @@ class Engine:
             self._outbox_loop(),
             self.timers.run(),
             self.triggers.run(),
+            self.notifier.run(),
             self.app.fetch_tuner.run(),
             *(self._local_executor() for _ in range(settings.executor_concurrency)),
+            *([scheduler.run()] if settings.schedules else []),
         ):
             self._tasks.append(asyncio.create_task(coroutine))
         await self.app.start()
@@ -258,6 +272,11 @@ class Engine:
         """Publish commands and wait until the broker has every one."""
         deliveries = [await self._send(self._topic(COMMANDS), c.run_id, encode(c)) for c in commands]
         await asyncio.gather(*deliveries)
+
+    async def _submit_here(self, command: Envelope) -> None:
+        """Submit a command this worker made (a scheduled start, a delivery's outcome), deciding
+        it here at once if this worker decides its run."""
+        await (await self._report(command))
 
     def _topic(self, name: str) -> str:
         return self.settings.kafka.topic(name)
@@ -483,15 +502,17 @@ class Engine:
             published.append((int(position_of_event), envelope))
             deliveries.extend(await self._follow_up(envelope, identity))
             self._end_attempts(envelope)
-            if envelope.type == "Started":
-                ledger.started.append(run_id)
+            if envelope.type == "Started" or envelope.type == "NotificationsScheduled":
+                ledger.mark(run_id, active=True)  # deliveries pending: reconcile re-arms them
             elif envelope.type in TERMINAL_EVENTS:
-                ledger.finished.append(run_id)
+                ledger.mark(run_id, active=False)
                 self._runs.pop(run_id, None)
                 attributes = {"citadel.tenant": identity.tenant, "citadel.workflow": identity.workflow}
                 record_run_span(
                     run_id, attributes, identity.started, envelope.time, TERMINAL_EVENTS[envelope.type]
                 )
+            elif envelope.type == "NotificationAttempted" and envelope.payload["outstanding"] == 0:
+                ledger.mark(run_id, active=False)
         for listener in self.published_listeners:
             listener(published)  # committed, so safe to show before the broker acknowledges
         deliveries.extend(await self._dispatch_released())
@@ -542,6 +563,21 @@ class Engine:
                 return await self._admit(envelope, workflow)
             if payload["node_type"] == "log":
                 self._log_attempts.add(payload["attempt_id"])
+        elif envelope.type == "NotificationsScheduled":
+            assert self.notifier is not None
+            for delivery_id, delivery in payload["deliveries"].items():
+                self.notifier.arm(
+                    envelope.run_id, envelope.tenant, delivery_id, delivery["attempt"], delivery["due_at"]
+                )
+        elif envelope.type == "NotificationAttempted" and payload["next_attempt_at"] is not None:
+            assert self.notifier is not None
+            self.notifier.arm(
+                envelope.run_id,
+                envelope.tenant,
+                payload["delivery_id"],
+                payload["attempt"] + 1,
+                payload["next_attempt_at"],
+            )
         elif envelope.type in TIMER_EVENTS and payload.get("timer_id") and payload.get("due_at"):
             self.timers.arm(
                 payload["timer_id"],
@@ -722,15 +758,17 @@ class Engine:
     # ---- reconcile -------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Offer unfinished attempts to admission again and re-arm timers of every active run
-        (after any restart): what fits is dispatched, the rest waits as before the restart."""
-        assert self.ledger is not None and self.store is not None
+        """Offer unfinished attempts to admission again and re-arm timers and notification
+        deliveries of every active run (after any restart): what fits is dispatched, the rest
+        waits as before the restart."""
+        assert self.ledger is not None and self.store is not None and self.notifier is not None
         active = await self._in_store(self.ledger.active_runs)
         runs: list[Run] = await self._in_store(_load_runs, self.store, active)
         attempts = await self._in_store(_unfinished_attempts, self.store, runs)
         self._released.extend(a for a in attempts if self.admission.offer(a))
         deliveries = await self._dispatch_released()
         for run in runs:
+            self.notifier.arm_pending(run)
             for timer_id, timer in run.timers.items():
                 self.timers.arm(timer_id, run.run_id, run.tenant, dt.datetime.fromisoformat(timer["due_at"]))
             for request in run.waiting_children():
@@ -795,8 +833,7 @@ class _LedgerWriter:
 
     def __init__(self, position: int) -> None:
         self.position = position
-        self.started: list[str] = []
-        self.finished: list[str] = []
+        self._marks: dict[str, bool] = {}  # run id -> active, the last mark of the interval
         self._flushed = position
         self._last = time.monotonic()
 
@@ -805,11 +842,16 @@ class _LedgerWriter:
         return self.position != self._flushed
 
     def due(self) -> bool:
-        return time.monotonic() - self._last >= self.INTERVAL_SECONDS or len(self.started) > 5000
+        return time.monotonic() - self._last >= self.INTERVAL_SECONDS or len(self._marks) > 5000
+
+    def mark(self, run_id: str, active: bool) -> None:
+        """A run starts or ends needing the engine (a run that ended may still have deliveries)."""
+        self._marks[run_id] = active
 
     def flush(self, ledger: Ledger) -> None:
-        started, finished = self.started, self.finished
-        self.started, self.finished = [], []
+        marks, self._marks = self._marks, {}
+        started = [run_id for run_id, active in marks.items() if active]
+        finished = [run_id for run_id, active in marks.items() if not active]
         ledger.advance(OUTBOX, self.position, started, finished)
         self._flushed = self.position
         self._last = time.monotonic()
@@ -822,7 +864,7 @@ def _load_runs(store: RunStore, run_ids: list[str]) -> list[Run]:
             run = store.run(run_id)
         except KeyError:
             continue
-        if run.status in ACTIVE_RUN:
+        if run.status in ACTIVE_RUN or run.pending_deliveries():
             runs.append(run)
     return runs
 

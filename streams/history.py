@@ -125,6 +125,16 @@ def describe(event: Envelope) -> str:
         parts.append(f"cancel child run {p.get('child_run_id')}")
     elif event.type == "CompensationStarted":
         parts += [str(p.get("reason", "")), "undo: " + ", ".join(p.get("steps") or [])]
+    elif event.type == "NotificationsScheduled":
+        parts.append("notify " + ", ".join(d["url"] for d in (p.get("deliveries") or {}).values()))
+    elif event.type == "NotificationAttempted":
+        result = f"HTTP {p['status_code']}" if p.get("status_code") else ""
+        parts += [f"{p.get('url')} attempt {p.get('attempt')}", result, _first_line(p.get("error"))]
+        parts.append(
+            f"{p.get('outcome')}, next at {p['next_attempt_at']}"
+            if p.get("next_attempt_at")
+            else str(p.get("outcome"))
+        )
     elif event.type == "NodeReused":
         parts.append(f"{p.get('status')}, output {_json(p.get('output'))}")
     return "; ".join(x for x in parts if x)

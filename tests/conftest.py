@@ -19,6 +19,7 @@ from nodes.python import PythonExecutor
 from nodes.secrets import EnvironmentSecrets
 from streams.admission import Limits
 from streams.broker import EmbeddedBroker
+from streams.clock import Clock
 from streams.engine import Engine, EngineSettings
 from streams.kafka import KafkaSettings
 
@@ -63,6 +64,7 @@ def engine_factory(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
         store_url: str | None = None,
         kafka: KafkaSettings | None = None,
         python_concurrency: int = 4,
+        clock: Clock | None = None,
         **overrides: Any,
     ) -> AsyncIterator[Engine]:
         home = tmp_path_factory.mktemp("engine")
@@ -84,7 +86,7 @@ def engine_factory(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
                 KafkaExecutor(kafka.bootstrap),
             ]
         )
-        engine = Engine(settings, executors)
+        engine = Engine(settings, executors, clock)
         await engine.start()
         try:
             yield engine

@@ -249,5 +249,5 @@ def test_deploy_refuses_an_invalid_definition_or_tenant_and_exits_2(tmp_path: Pa
     bad_tenant = citadel("deploy", str(EXAMPLES / "linear.yaml"), "--tenant", "Acme.Corp", cwd=tmp_path)
 
     assert invalid.returncode == 2
-    assert "triggers.0.topic" in invalid.stderr and "nodes" in invalid.stderr
+    assert "triggers[0].topic" in invalid.stderr and "nodes" in invalid.stderr
     assert bad_tenant.returncode == 2 and "a tenant is" in bad_tenant.stderr

@@ -157,3 +157,30 @@ def test_replay_projections_rebuilds_from_the_store_and_names_a_holder_of_chdb(
         holder.wait()
     assert refused.returncode == 2
     assert f"in use by process {holder.pid}" in refused.stderr.replace("\n", " ")
+
+
+def test_runs_history_shows_each_notification_attempt(tmp_path: Path) -> None:
+    home = tmp_path / ".citadel"
+    store = RunStore(f"sqlite:///{home / 'events.db'}")
+    definition = {
+        "name": "told",
+        "nodes": [{"id": "a", "type": "transform", "config": {"output": "1"}}],
+        "notify": [{"url": "https://example.test/hook", "retry": {"max_attempts": 2, "jitter": 0}}],
+    }
+    command = start_command(parse_definition(definition).model_dump(mode="json"), {}, "acme")
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    delivery = f"{command.run_id}:notify:0"
+    store.decide([command], now)
+    for attempt, status, error in (
+        (1, None, "ConnectError: refused"),
+        (2, 500, "HTTP 500 Internal Server Error"),
+    ):
+        outcome = {"delivery_id": delivery, "attempt": attempt, "status_code": status, "error": error}
+        store.decide([Envelope.new("NotificationAttempted", command.run_id, outcome)], now)
+    store.close()
+    readable = citadel("runs", "history", command.run_id, cwd=tmp_path, CITADEL_HOME=str(home), COLUMNS="250")
+    assert readable.returncode == 0, readable.stderr
+    lines = [line for line in readable.stdout.splitlines() if "Notification" in line]
+    assert len(lines) == 3, readable.stdout
+    assert "https://example.test/hook attempt 1; ConnectError: refused; retrying, next at" in lines[1]
+    assert "attempt 2; HTTP 500; HTTP 500 Internal Server Error; failed" in lines[2]

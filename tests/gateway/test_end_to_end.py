@@ -61,7 +61,7 @@ async def test_a_workflow_deployed_through_the_gateway_is_started_by_its_trigger
     topic = await user_topic(kafka, prefix="acme.")
     broken = orders("hooked", "citadel.run-events")
     refused = (await gateway.data(DEPLOY, {"d": broken}))["deployWorkflow"]
-    assert [p["location"] for p in refused["problems"]] == ["triggers.0.topic"]
+    assert [p["location"] for p in refused["problems"]] == ["triggers[0].topic"]
 
     deployed = (await gateway.data(DEPLOY, {"d": orders("hooked", topic.removeprefix("acme."))}))[
         "deployWorkflow"
@@ -72,3 +72,21 @@ async def test_a_workflow_deployed_through_the_gateway_is_started_by_its_trigger
     (run_id,) = await started_runs(kafka, "acme.hooked", 1)
     run = (await gateway.data(RUN, {"r": run_id}))["run"]
     assert run["workflow"] == "hooked"
+
+
+async def test_watching_a_run_whose_history_goes_on_after_its_end_still_ends(gateway: Gateway) -> None:
+    told = {
+        "name": "told",
+        "nodes": [{"id": "a", "type": "transform", "config": {"output": "1"}}],
+        "notify": [{"url": "http://127.0.0.1:9/unreachable", "retry": {"max_attempts": 1}}],
+    }
+    assert (await gateway.data(DEPLOY, {"d": told}))["deployWorkflow"]["problems"] == []
+    run_id = (await gateway.data(START, {"w": "told", "i": {}}))["startRun"]["runId"]
+    async with asyncio.timeout(60):
+        while True:  # the run ended, then its one delivery attempt failed
+            events = await asyncio.wait_for(collect(gateway, run_id, 1), 60)
+            if events[-1]["type"] == "NotificationAttempted":
+                break
+            await asyncio.sleep(0.2)
+    types = [e["type"] for e in events]
+    assert types[-3:] == ["Completed", "NotificationsScheduled", "NotificationAttempted"]

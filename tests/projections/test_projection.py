@@ -105,3 +105,35 @@ def test_audit_retention_follows_its_setting(projections_db: Connection) -> None
     assert "TTL toDateTime(time) + toIntervalDay(30)" in engine()
     migrate(projections_db.client, retention_days=0)
     assert "TTL" not in engine()
+
+
+def test_notification_attempts_after_a_run_ended_are_audited_and_leave_its_end_as_it_was(
+    projections_db: Connection,
+) -> None:
+    events = run_history("orders", PIPELINE[2:3])
+    run_id, ended = events[0].run_id, events[-1]
+    delivery = f"{run_id}:notify:0"
+
+    def later(kind: str, minutes: int, **payload: object) -> Envelope:
+        version = len(events) + 1
+        return Envelope(
+            id=f"{run_id}:{version}",
+            type=kind,
+            run_id=run_id,
+            tenant="acme",
+            time=ended.time + dt.timedelta(minutes=minutes),
+            version=version,
+            payload=payload,
+        )
+
+    events.append(later("NotificationsScheduled", 0, deliveries={delivery: {"url": "https://x.test/"}}))
+    attempt = {"delivery_id": delivery, "url": "https://x.test/", "attempt": 1, "status_code": 503}
+    outcome = {"error": "HTTP 503", "outcome": "retrying", "next_attempt_at": "later", "outstanding": 1}
+    events.append(later("NotificationAttempted", 1, **attempt, **outcome))
+    Projection(projections_db.client).write(events)
+    tables = contents(projections_db.client)
+    audited = [r[4] for r in tables["events"][-3:]]
+    assert audited == ["Completed", "NotificationsScheduled", "NotificationAttempted"]
+    assert '"status_code":503' in tables["events"][-1][12]
+    (run,) = tables["runs"]
+    assert run[4] == "completed" and run[6] == ended.time.replace(tzinfo=None)

@@ -547,3 +547,40 @@ def test_the_json_schema_rejects_a_bad_document(
     messages = [e.message for e in validator.iter_errors(doc)]
 
     assert any(complaint in m for m in messages), messages
+
+
+@pytest.mark.parametrize(
+    ("fields", "location", "words"),
+    [
+        ({"webhook": {"inputs": {"n": "body.n"}}}, "webhook.secret", "required field is missing"),
+        ({"webhook": {"secret": "../etc/passwd"}}, "webhook.secret", "should match pattern"),
+        (
+            {"webhook": {"secret": "S", "inputs": {"n": "input.n"}}},
+            "webhook.inputs",
+            "may use only body, headers",
+        ),
+        ({"notify": [{"url": "ftp://x"}]}, "notify[0].url", "should match pattern"),
+        (
+            {"notify": [{"url": "https://x", "on": ["started"]}]},
+            "notify[0].on[0]",
+            "'completed', 'failed' or",
+        ),
+        (
+            {"notify": [{"url": "https://x", "retry": {"max_attempts": 0}}]},
+            "notify[0].retry.max_attempts",
+            "greater than or equal to 1",
+        ),
+    ],
+)
+def test_a_bad_webhook_or_notify_target_is_named_by_its_place(
+    fields: dict[str, Any], location: str, words: str
+) -> None:
+    document = {
+        "name": "hooked",
+        "nodes": [{"id": "a", "type": "transform", "config": {"output": "1"}}],
+        **fields,
+    }
+    with pytest.raises(DefinitionInvalid) as caught:
+        parse_definition(document)
+    (problem,) = caught.value.problems
+    assert problem.location == location and words in problem.message

@@ -359,6 +359,7 @@ VALID_PAYLOADS = {
     "CancelRun": {},
     "TimerFired": {"timer_id": "wait:r:a:1"},
     "Signal": {"node_id": "approve", "payload": {"ok": True}},
+    "NotificationAttempted": {"delivery_id": "d1", "attempt": 1, "status_code": 200},
 }
 INVALID_PAYLOADS = {
     "StartRun": {"input": "not an object"},
@@ -368,6 +369,7 @@ INVALID_PAYLOADS = {
     "CancelRun": {"reason": "x", "urgent": True},
     "TimerFired": {},
     "Signal": {"payload": 1},
+    "NotificationAttempted": {"delivery_id": "d1", "attempt": 0},
 }
 
 

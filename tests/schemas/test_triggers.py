@@ -70,12 +70,12 @@ def test_every_trigger_problem_is_named_by_field_with_the_nodes_problems() -> No
         )
     )
 
-    assert found["triggers.0.topic"].endswith("topics starting with 'citadel.' belong to the engine")
-    assert "should match pattern" in found["triggers.1.topic"]
-    assert found["triggers.2.filter"] == "references 'input'; a trigger sees only 'message'"
-    assert found["triggers.2.input.order"].startswith("expression does not parse")
-    assert found["triggers.3.retries"] == "unknown field"
-    assert "valid dictionary" in found["triggers.4"]
+    assert found["triggers[0].topic"].endswith("topics starting with 'citadel.' belong to the engine")
+    assert "should match pattern" in found["triggers[1].topic"]
+    assert found["triggers[2].filter"] == "references 'input'; a trigger sees only 'message'"
+    assert found["triggers[2].input.order"].startswith("expression does not parse")
+    assert found["triggers[3].retries"] == "unknown field"
+    assert "valid dictionary" in found["triggers[4]"]
     assert found["nodes.a.type"].startswith("unknown node type 'teleport'")
 
 
