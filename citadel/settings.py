@@ -47,6 +47,10 @@ class Settings(BaseModel):
     gateway_rate: float = Field(default=50.0, gt=0, description="requests a second per token, on average")
     gateway_burst: int = Field(default=100, ge=1, description="requests a token may make at once")
     gateway_max_request_bytes: int = Field(default=256 * 1024, ge=1024)
+    egress_private: bool = Field(
+        default=True,
+        description="http nodes and webhooks may reach private addresses (CITADEL_EGRESS_PRIVATE)",
+    )
 
     @property
     def clickhouse_url(self) -> str:
@@ -97,7 +101,20 @@ class Settings(BaseModel):
             gateway_rate=float(env.get("CITADEL_GATEWAY_RATE", "50")),
             gateway_burst=int(env.get("CITADEL_GATEWAY_BURST", "100")),
             gateway_max_request_bytes=int(env.get("CITADEL_GATEWAY_MAX_REQUEST_BYTES", str(256 * 1024))),
+            egress_private=_egress_private(
+                env.get("CITADEL_EGRESS_PRIVATE"), embedded=not env.get("CITADEL_KAFKA")
+            ),
         )
+
+
+def _egress_private(value: str | None, embedded: bool) -> bool:
+    """Whether the engine's HTTP requests may reach private addresses: by default only in
+    embedded mode, on a developer's machine (see nodes/egress.py)."""
+    if not value:
+        return embedded
+    if value.lower() not in ("allow", "deny"):
+        raise ValueError(f"CITADEL_EGRESS_PRIVATE is {value!r}; write allow or deny")
+    return value.lower() == "allow"
 
 
 def _pem(value: str | None) -> str | None:

@@ -83,6 +83,7 @@ async def running_stack(
                 workflow=settings.workflow_concurrency,
                 node_types=settings.node_type_concurrency,
             ),
+            egress_private=settings.egress_private,
         ),
         executors,
         secrets=secrets,
@@ -128,7 +129,7 @@ def executor_registry(settings: Settings, secrets: SecretStore, bootstrap: str) 
                 hidden_paths=[str(settings.home)],
             ),
             JavaScriptExecutor(max_concurrency=concurrency("javascript")),
-            HttpExecutor(secrets, max_concurrency=concurrency("http")),
+            HttpExecutor(secrets, max_concurrency=concurrency("http"), allow_private=settings.egress_private),
             KafkaExecutor(bootstrap),
         ]
     )

@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from nodes.egress import EgressDenied, check_destination
 from nodes.secrets import REDACTED, SecretNotFound, SecretStore, redact
 from schemas.definition import HttpConfig, RetryPolicy
 from schemas.tasks import NodeOutcome, NodeTask
@@ -207,6 +208,7 @@ class HttpExecutor:
         breaker_cooldown_seconds: float = 30.0,
         rate_per_second: float = 50.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        allow_private: bool = True,
     ) -> None:
         if rate_per_second <= 0 or breaker_threshold < 1 or max_concurrency < 1:
             raise ValueError("rate_per_second must be > 0, breaker_threshold and max_concurrency >= 1")
@@ -218,6 +220,7 @@ class HttpExecutor:
         self.breaker_cooldown_seconds = breaker_cooldown_seconds
         self.rate_per_second = rate_per_second
         self.transport = transport
+        self.allow_private = allow_private  # see nodes/egress.py
         self._slots = asyncio.Semaphore(max_concurrency)
         self._client: httpx.AsyncClient | None = None
         self._breakers: dict[str, CircuitBreaker] = {}
@@ -267,6 +270,10 @@ class HttpExecutor:
             request = self._request(task)
         except (InvalidTask, SecretNotFound) as exc:
             return NodeOutcome.failure(type(exc).__name__, str(exc))
+        try:
+            await check_destination(request.url.host, request.url.port, self.allow_private)
+        except EgressDenied as exc:
+            return self._failure(request, "EgressDenied", f"node {task.node_id!r}: {exc}")
         async with self._slots:
             started = time.perf_counter()
             outcome = await self._call(client, task, request)

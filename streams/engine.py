@@ -90,6 +90,7 @@ class EngineSettings:
     trigger_poll_seconds: float = 1.0  # how often deployments are read for new triggers
     trigger_batch: int = 500  # trigger messages taken at a time, committed together
     schedules: bool = True  # fire the schedules of deployed workflows (see streams/scheduler.py)
+    egress_private: bool = True  # outgoing webhooks may reach private addresses (nodes/egress.py)
     # Attempts in flight per tenant, workflow and node type (engine-wide); none by default here.
     admission: Limits = field(default_factory=Limits)
 
@@ -218,7 +219,14 @@ class Engine:
         self.store = await self._in_store(RunStore, settings.store_url, settings.snapshot_interval)
         self.ledger = await self._in_store(open_ledger, settings.store_url)
         scheduler = Scheduler(self.store, self._in_store, self._submit_here, self.clock)
-        self.notifier = Notifier(self.store, self._in_store, self._submit_here, self.clock, self.secrets)
+        self.notifier = Notifier(
+            self.store,
+            self._in_store,
+            self._submit_here,
+            self.clock,
+            self.secrets,
+            allow_private=self.settings.egress_private,
+        )
         await ensure_topics(settings.kafka)
         self.producer = producer(settings.kafka)
         await self.producer.start()

@@ -22,6 +22,7 @@ import orjson
 
 from aggregates.run import Run
 from aggregates.store import RunStore
+from nodes.egress import EgressDenied, check_destination
 from nodes.secrets import SecretNotFound, SecretStore, redact
 from schemas.envelope import Envelope
 from schemas.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
@@ -62,12 +63,14 @@ class Notifier:
         clock: Clock,
         secrets: SecretStore,
         concurrency: int = 32,
+        allow_private: bool = True,
     ) -> None:
         self._store = store
         self._in_store = in_store
         self._submit = submit
         self._clock = clock
         self._secrets = secrets
+        self._allow_private = allow_private  # see nodes/egress.py
         self._timers = Timers(clock, self._due)
         self._slots = asyncio.Semaphore(concurrency)
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -137,6 +140,11 @@ class Notifier:
             timestamp = int(self._clock.now().timestamp())
             headers[TIMESTAMP_HEADER] = str(timestamp)
             headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
+        try:
+            url = httpx.URL(target.url)
+            await check_destination(url.host, url.port, self._allow_private)
+        except EgressDenied as exc:
+            return None, str(exc)
         try:
             response = await self._http.post(
                 target.url, content=body, headers=headers, timeout=target.timeout_seconds

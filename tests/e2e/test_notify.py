@@ -175,3 +175,14 @@ async def test_a_pending_delivery_survives_an_engine_restart(
             found = await attempts(store_url, run_id, 2)
     assert [(e.attempt, e.outcome) for e in found] == [(1, "retrying"), (2, "delivered")]
     assert len(receiver.requests) == 2
+
+
+async def test_a_delivery_to_a_private_address_is_refused_where_private_egress_is_denied(
+    engine_factory: EngineFactory,
+) -> None:
+    async with receiving(failures=0) as receiver, engine_factory(egress_private=False) as engine:
+        policy = {**FAST_RETRY, "max_attempts": 1}
+        run_id = await start(engine, notifying({"url": receiver.url, "retry": policy}))
+        (found,) = await attempts(engine.settings.store_url, run_id, 1)
+    assert found.outcome == "failed" and "private, loopback or link-local" in found.error
+    assert receiver.requests == []

@@ -558,3 +558,18 @@ def test_redact_replaces_values_and_their_escaped_forms() -> None:
     assert json.dumps(TOKEN)[1:-1] not in redacted
     assert redacted.endswith("and nothing else")
     assert redact("abc", []) == "abc"
+
+
+async def test_an_http_node_aimed_at_a_private_address_fails_without_sending(server: Server) -> None:
+    server.routes.clear()
+    server.requests.clear()
+    server.answering("/metadata", text="the keys to the kingdom")
+    executor = HttpExecutor(EnvironmentSecrets(), allow_private=False)
+    await executor.start()
+    try:
+        outcome = await executor.execute(make_task(server.url("/metadata")))
+    finally:
+        await executor.stop()
+    assert outcome.error_class == "EgressDenied"
+    assert "node 'call'" in (outcome.error_message or "") and "127.0.0.1" in (outcome.error_message or "")
+    assert server.requests == []
