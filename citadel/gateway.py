@@ -95,8 +95,8 @@ async def running_gateway(
         metrics.sources.append(projector.projector.metrics.prometheus)
     store = RunStore(settings.event_store)
     analytics = Analytics(connection.client) if connection else None
-    pause = projector.projector.paused if projector is not None else None
-    backend = Backend(store, engine.submit, hub, analytics, engine.secrets, pause)
+    rebuild = projector.projector.rebuild if projector is not None else None
+    backend = Backend(store, engine.submit, hub, analytics, engine.secrets, rebuild)
     checks: dict[str, Any] = {
         "broker": lambda: _broker_answers(engine),
         "event_store": lambda: backend.in_store(store.recorder.max_notification_id),

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -29,7 +28,6 @@ from gateway.live import RunEventHub, follow_run, follow_runs
 from gateway.tenancy import owns, public, scoped, scoped_definition
 from nodes.secrets import EnvironmentSecrets, SecretStore
 from projections.queries import Analytics
-from projections.rebuild import rebuild
 from schemas.definition import DefinitionInvalid, parse_definition
 from schemas.envelope import Envelope
 from streams.engine import event_envelope
@@ -87,11 +85,11 @@ class Backend:
         hub: RunEventHub,
         analytics: Analytics | None,
         secrets: SecretStore | None = None,
-        pause_projector: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
+        rebuild_projections: Callable[[Iterable[Envelope]], Awaitable[int]] | None = None,
     ) -> None:
         self.store = store
         self.secrets = secrets or EnvironmentSecrets()  # webhook secrets, as the engine reads them
-        self.pause_projector = pause_projector
+        self.projector_rebuild = rebuild_projections
         self.submit = submit
         self.hub = hub
         self.analytics = analytics
@@ -304,18 +302,18 @@ class Backend:
     async def rebuild_projections(self) -> int:
         """Every projection rebuilt from the event store and swapped in (admin only; see README).
 
-        The live projector of this process pauses meanwhile and goes on from where it was, into
-        the new tables: nothing it would have written during the rebuild is lost with the old
-        ones. A projector in another process cannot be paused from here, so then this refuses."""
-        analytics = self._analytics()
-        if self.pause_projector is None:
+        The live projector of this process does it, pausing meanwhile, and goes on from where it
+        was, into the new tables: nothing it would have written during the rebuild is lost with
+        the old ones. A projector in another process cannot be paused from here, so then this
+        refuses."""
+        self._analytics()
+        if self.projector_rebuild is None:
             raise GatewayError(
                 "no projector runs in this gateway's process, and rebuilding while another process "
                 "projects would lose its writes: stop the projector and run `citadel replay projections`",
                 "UNAVAILABLE",
             )
-        async with self.pause_projector():
-            return await self.in_clickhouse(lambda: rebuild(analytics.client, history(self.store)))
+        return await self.projector_rebuild(history(self.store))
 
     # ---- subscriptions ---------------------------------------------------
 

@@ -10,16 +10,16 @@ gets the batch again, and the projection drops what it already holds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from projections.projection import Projection
+from projections.rebuild import rebuild
 from schemas.envelope import Envelope, EnvelopeError, decode
 
 log = logging.getLogger(__name__)
@@ -147,13 +147,14 @@ class Projector:
         for hook in self.on_written:
             hook(envelopes, now)
 
-    @contextlib.asynccontextmanager
-    async def paused(self) -> AsyncIterator[None]:
-        """No batch is written while the block runs (the agent waits, its lag grows); after
-        it, the projection reads the tables afresh, since the block may have replaced them."""
+    async def rebuild(self, history: Iterable[Envelope]) -> int:
+        """Rebuild every projection from `history` and swap it in (projections/rebuild.py), with
+        this projector's own connection and thread, while no batch is written; then go on from
+        where it was, into the new tables, with the runs' states read from them afresh."""
         async with self._writing:
+            loop = asyncio.get_running_loop()
             try:
-                yield
+                return await loop.run_in_executor(self._io, rebuild, self.projection.client, history)
             finally:
                 self.projection.forget()
 
