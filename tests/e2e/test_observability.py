@@ -81,7 +81,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         "CITADEL_LOG_LEVEL": "INFO",
         "CITADEL_TRACES": f"file:{home / 'spans.jsonl'}",
         "OTEL_BSP_SCHEDULE_DELAY": "50",  # export spans soon after they end, not every 5 s
-        "CITADEL_SECRET_API_TOKEN": SECRET,
+        "CITADEL_SECRET_acme.API_TOKEN": SECRET,  # tenant acme's API_TOKEN
     }
     for name in ("CITADEL_EVENT_STORE", "CITADEL_CLICKHOUSE", "CITADEL_JWT_SECRET"):
         env.pop(name, None)

@@ -43,9 +43,13 @@ PLAIN = {
 @pytest.fixture(scope="module")
 def secret() -> Iterator[str]:
     value = secrets.token_hex(20)
-    os.environ["CITADEL_SECRET_ORDERS_HOOK"] = value
+    # A tenant's secret NAME is the engine's secret TENANT.NAME (gateway/tenancy.py).
+    names = [f"CITADEL_SECRET_{tenant}.ORDERS_HOOK" for tenant in ("acme", "default")]
+    for name in names:
+        os.environ[name] = value
     yield value
-    del os.environ["CITADEL_SECRET_ORDERS_HOOK"]
+    for name in names:
+        del os.environ[name]
 
 
 @pytest.fixture(scope="module")
