@@ -337,6 +337,37 @@ def worker() -> None:
         asyncio.run(_serve(settings, announce_self=False))
 
 
+@app.command("gateway")
+def gateway_command() -> None:
+    """Run the GraphQL gateway in a process of its own, beside production workers.
+
+    Commands go to CITADEL_KAFKA's `citadel.commands`, live events come from `citadel.run-events`,
+    runs and workflows are read from CITADEL_EVENT_STORE, analytics from CITADEL_CLICKHOUSE.
+    """
+    settings = Settings.from_env()
+    if settings.embedded:
+        err.print(
+            "[red]citadel gateway needs CITADEL_KAFKA (the workers' broker) and CITADEL_EVENT_STORE; "
+            "in embedded mode `citadel up` serves the gateway itself[/red]"
+        )
+        raise typer.Exit(EXIT_INVALID)
+    setup_logging(settings, serving=True)
+    with exporting_traces(_span_exporter(settings)):
+        asyncio.run(_serve_gateway(settings))
+
+
+async def _serve_gateway(settings: Settings) -> None:
+    from citadel.gateway import standalone_gateway
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signals.SIGINT, signals.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with standalone_gateway(settings) as gateway:
+        out.print(f"[green]Citadel gateway is up[/green]: {gateway.url}/graphql", soft_wrap=True)
+        await stop.wait()
+
+
 def _span_exporter(settings: Settings) -> SpanExporter | None:
     try:
         return span_exporter(settings.traces)

@@ -18,18 +18,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from aiokafka import AIOKafkaProducer
 
 from aggregates.store import RunStore
 from citadel.projector import RunningProjector
 from citadel.settings import Settings
+from citadel.stack import kafka_settings, secret_store
 from gateway.app import GatewayConfig, create_app
 from gateway.auth import TokenKeys, issue_token
 from gateway.backend import Backend
 from gateway.live import KafkaTail, RunEventHub
 from gateway.metrics import GatewayMetrics
+from nodes.secrets import SecretStore
 from projections.clickhouse import Connection
 from projections.queries import Analytics
+from schemas.envelope import Envelope, encode
 from streams.engine import Engine
+from streams.kafka import COMMANDS, KafkaSettings, producer
+from streams.tracing import TRACEPARENT, traceparent
 
 
 @dataclass
@@ -71,22 +77,82 @@ class _Server(uvicorn.Server):
         yield  # the engine's own loop handles SIGINT/SIGTERM and stops us
 
 
+@dataclass
+class EngineLink:
+    """How a gateway reaches the engine: its topics, a producer for commands, its secrets, the
+    node types it runs, and, in the engine's own process, the engine itself."""
+
+    kafka: KafkaSettings
+    producer: AIOKafkaProducer
+    secrets: SecretStore
+    node_types: tuple[str, ...]
+    engine: Engine | None = None
+
+    @classmethod
+    def of(cls, engine: Engine) -> EngineLink:
+        assert engine.producer is not None
+        return cls(
+            engine.settings.kafka, engine.producer, engine.secrets, engine.executors.node_types, engine
+        )
+
+    async def submit(self, command: Envelope) -> None:
+        if self.engine is not None:
+            await self.engine.submit(command)
+            return
+        key = command.run_id.encode()
+        headers = [(TRACEPARENT, traceparent(command.run_id))]
+        await self.producer.send_and_wait(
+            self.kafka.topic(COMMANDS), encode(command), key=key, headers=headers
+        )
+
+
 @contextlib.asynccontextmanager
 async def running_gateway(
     settings: Settings, engine: Engine, projector: RunningProjector | None, tail: bool | None = None
 ) -> AsyncIterator[RunningGateway]:
-    """Serve the gateway on the settings' host and port (0: any free port) until the block ends.
+    """Serve the gateway in the engine's process on the settings' host and port (0: any free
+    port) until the block ends.
 
-    Live events come from this engine's outbox while it publishes; with `tail` (by default in
-    production, where other workers may publish) also from `citadel.run-events` itself."""
+    Live events come from this engine while it publishes; with `tail` (by default in production,
+    where other workers may publish) also from `citadel.run-events` itself."""
+    link = EngineLink.of(engine)
+    with_tail = not settings.embedded if tail is None else tail
+    async with serving_gateway(settings, link, projector, with_tail) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def standalone_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
+    """A gateway in a process of its own (`citadel gateway`): commands go to the engine's topic,
+    live events come from `citadel.run-events`, analytics from CITADEL_CLICKHOUSE's server."""
+    if settings.kafka is None:
+        raise ValueError(
+            "a gateway of its own needs CITADEL_KAFKA (the engine's broker); in embedded mode "
+            "`citadel up` serves the gateway itself"
+        )
+    kafka = kafka_settings(settings, settings.kafka)
+    commands = producer(kafka)
+    await commands.start()
+    try:
+        link = EngineLink(kafka, commands, secret_store(settings), ())
+        async with serving_gateway(settings, link, None, tail=True) as running:
+            yield running
+    finally:
+        await commands.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving_gateway(
+    settings: Settings, link: EngineLink, projector: RunningProjector | None, tail: bool
+) -> AsyncIterator[RunningGateway]:
     keys = token_keys(settings)
     hub = RunEventHub()
-    engine.published_listeners.append(hub.publish)
-    engine.rejected_listeners.append(hub.reject)
-    kafka_tail = (
-        KafkaTail(engine.settings.kafka, hub) if (not settings.embedded if tail is None else tail) else None
-    )
-    metrics = GatewayMetrics({t: settings.executor_concurrency for t in engine.executors.node_types})
+    engine = link.engine
+    if engine is not None:
+        engine.published_listeners.append(hub.publish)
+        engine.rejected_listeners.append(hub.reject)
+    kafka_tail = KafkaTail(link.kafka, hub) if tail else None
+    metrics = GatewayMetrics({t: settings.executor_concurrency for t in link.node_types})
     hub.listeners.append(metrics.observe)
     connection = None
     if projector is not None or settings.clickhouse is not None:
@@ -96,9 +162,9 @@ async def running_gateway(
     store = RunStore(settings.event_store)
     analytics = Analytics(connection.client) if connection else None
     rebuild = projector.projector.rebuild if projector is not None else None
-    backend = Backend(store, engine.submit, hub, analytics, engine.secrets, rebuild)
+    backend = Backend(store, link.submit, hub, analytics, link.secrets, rebuild)
     checks: dict[str, Any] = {
-        "broker": lambda: _broker_answers(engine),
+        "broker": link.producer.client.fetch_all_metadata,
         "event_store": lambda: backend.in_store(store.recorder.max_notification_id),
     }
     if connection is not None:
@@ -136,8 +202,9 @@ async def running_gateway(
             token = issue_token(keys, "developer", "default", ["admin"], lifetime=dt.timedelta(days=7))
         yield RunningGateway(f"http://{settings.gateway_host}:{port}", backend, keys, token)
     finally:
-        engine.published_listeners.remove(hub.publish)
-        engine.rejected_listeners.remove(hub.reject)
+        if engine is not None:
+            engine.published_listeners.remove(hub.publish)
+            engine.rejected_listeners.remove(hub.reject)
         if kafka_tail is not None:
             await kafka_tail.stop()
         server.should_exit = True
@@ -147,8 +214,3 @@ async def running_gateway(
         store.close()
         if connection is not None:
             connection.close()
-
-
-async def _broker_answers(engine: Engine) -> None:
-    assert engine.producer is not None
-    await engine.producer.client.fetch_all_metadata()
