@@ -11,6 +11,7 @@ import signal as signals
 import sys
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -325,16 +326,7 @@ def up() -> None:
 @app.command()
 def worker() -> None:
     """Run a production worker against CITADEL_KAFKA and CITADEL_EVENT_STORE."""
-    settings = Settings.from_env()
-    if settings.embedded:
-        err.print(
-            "[red]citadel worker needs CITADEL_KAFKA (bootstrap servers) and usually "
-            "CITADEL_EVENT_STORE=postgresql://...; for a local engine use `citadel up`[/red]"
-        )
-        raise typer.Exit(EXIT_INVALID)
-    setup_logging(settings, serving=True)
-    with exporting_traces(_span_exporter(settings)):
-        asyncio.run(_serve(settings, announce_self=False))
+    _serve_in_production("worker", lambda settings: _serve(settings, announce_self=False))
 
 
 @app.command("gateway")
@@ -344,16 +336,21 @@ def gateway_command() -> None:
     Commands go to CITADEL_KAFKA's `citadel.commands`, live events come from `citadel.run-events`,
     runs and workflows are read from CITADEL_EVENT_STORE, analytics from CITADEL_CLICKHOUSE.
     """
+    _serve_in_production("gateway", _serve_gateway)
+
+
+def _serve_in_production(command: str, serve: Callable[[Settings], Coroutine[Any, Any, None]]) -> None:
+    """A production process: it needs the workers' broker and store; logs and traces as set."""
     settings = Settings.from_env()
     if settings.embedded:
         err.print(
-            "[red]citadel gateway needs CITADEL_KAFKA (the workers' broker) and CITADEL_EVENT_STORE; "
-            "in embedded mode `citadel up` serves the gateway itself[/red]"
+            f"[red]citadel {command} needs CITADEL_KAFKA (bootstrap servers) and usually "
+            "CITADEL_EVENT_STORE=postgresql://...; for a local engine use `citadel up`[/red]"
         )
         raise typer.Exit(EXIT_INVALID)
     setup_logging(settings, serving=True)
     with exporting_traces(_span_exporter(settings)):
-        asyncio.run(_serve_gateway(settings))
+        asyncio.run(serve(settings))
 
 
 async def _serve_gateway(settings: Settings) -> None:
