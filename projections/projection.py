@@ -170,6 +170,7 @@ class Projection:
     def _states(self, envelopes: Sequence[Envelope]) -> dict[str, RunState]:
         states: dict[str, RunState] = {}
         missing: dict[str, str] = {}
+        starting: set[str] = set()  # runs whose first event here is their first
         for envelope in envelopes:
             run_id = envelope.run_id
             if run_id in states:
@@ -181,11 +182,13 @@ class Projection:
                 states[run_id] = self._runs[run_id] = RunState(envelope.tenant, run_id)
             else:
                 missing[run_id] = envelope.tenant
+                if envelope.version == 1:
+                    starting.add(run_id)
         if missing:
-            states.update(self._read_back(missing))
+            states.update(self._read_back(missing, starting))
         return states
 
-    def _read_back(self, runs: dict[str, str]) -> dict[str, RunState]:
+    def _read_back(self, runs: dict[str, str], starting: set[str]) -> dict[str, RunState]:
         """The states of runs this projection has not seen since it started, from the tables."""
         states = {run_id: RunState(tenant, run_id) for run_id, tenant in runs.items()}
         parameters = {"runs": list(runs), "tenants": sorted(set(runs.values()))}
@@ -196,6 +199,13 @@ class Projection:
         ).result_rows
         for run_id, version in versions:
             states[run_id].version = version
+        # A run that starts in this batch and has no audit row yet has nothing else worth reading:
+        # a batch writes the audit last, so whatever else it wrote of the run is written again.
+        known = {run_id for run_id, _ in versions}
+        needed = {r: t for r, t in runs.items() if r in known or r not in starting}
+        if not needed:
+            return states
+        parameters = {"runs": list(needed), "tenants": sorted(set(needed.values()))}
         columns = ", ".join(RUN_COLUMNS)
         for row in self.client.query(
             f"SELECT {columns} FROM {self.runs_table} FINAL {where}", parameters=parameters
