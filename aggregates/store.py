@@ -93,6 +93,29 @@ def persistence_env(url: str) -> dict[str, str]:
     raise ValueError(f"unsupported event store URL {url!r}: use sqlite:///PATH or postgresql://...")
 
 
+class TopicFollower:
+    """The store's events of some topics, each read once: every `read` goes on from where the
+    last one stopped (the deployments that triggers, schedules and the gateway's catalog follow)."""
+
+    def __init__(self, *topics: str, page: int = 1000) -> None:
+        self.topics = list(topics)
+        self.page = page
+        self.position = 0
+
+    def read(self, store: RunStore) -> list[tuple[str, Any]]:
+        """(topic, domain event) of each new notification of the topics, in commit order."""
+        recorder = store.recorder
+        stop = int(recorder.max_notification_id() or 0)
+        found: list[tuple[str, Any]] = []
+        while self.position < stop:
+            notifications = recorder.select_notifications(
+                self.position + 1, self.page, stop=stop, topics=self.topics
+            )
+            found.extend((n.topic, store.mapper.to_domain_event(n)) for n in notifications)
+            self.position = int(notifications[-1].id) if len(notifications) == self.page else stop
+        return found
+
+
 class RunStore(Application[uuid.UUID]):
     name = "Citadel"
     snapshotting_intervals = {Run: 100, Timetable: 100}

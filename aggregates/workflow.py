@@ -10,6 +10,9 @@ from eventsourcing.domain import Aggregate, event
 from schemas.definition import WorkflowDefinition
 
 WORKFLOW_NAMESPACE = uuid.UUID("6f1c2a43-0d7e-4c7b-9a4e-3c1f2b8d9e01")
+# The store's topics of this aggregate's events: Registered names a workflow, Deployed does not.
+REGISTERED = "aggregates.workflow:Workflow.Registered"
+DEPLOYED = "aggregates.workflow:Workflow.Deployed"
 DEFAULT_TENANT = "default"
 
 

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 from jsonschema import Draft202012Validator
 
 from aggregates.run import TERMINAL_RUN, Rejected, Run
-from aggregates.store import RunStore
-from aggregates.workflow import VersionConflict, Workflow
+from aggregates.store import RunStore, TopicFollower
+from aggregates.workflow import REGISTERED, VersionConflict, Workflow
 from gateway.auth import Principal
 from gateway.errors import GatewayError, Problem, not_found
 from gateway.live import RunEventHub, follow_run, follow_runs
@@ -35,7 +35,6 @@ from streams.history import history, numbered_history, run_state
 
 T = TypeVar("T")
 IDEMPOTENCY = uuid.UUID("5d0b3c9e-8a41-4f0e-b7a2-61c0f4e7d215")
-WORKFLOW_REGISTERED = "aggregates.workflow:Workflow.Registered"
 Submit = Callable[[Envelope], Awaitable[None]]
 
 
@@ -97,7 +96,7 @@ class Backend:
         self._clickhouse_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-clickhouse")
         self.start_timeout = 30.0
         self._workflow_names: set[str] = set()
-        self._catalog_position = 0
+        self._catalog = TopicFollower(REGISTERED)
 
     def close(self) -> None:
         self._store_thread.shutdown(wait=True)
@@ -114,23 +113,12 @@ class Backend:
     # ---- workflows -------------------------------------------------------
 
     async def workflow_names(self, who: Principal) -> list[str]:
-        names = await self.in_store(self._catalog)
+        names = await self.in_store(self._names)
         return sorted(public(who.tenant, n) for n in names if owns(who.tenant, n))
 
-    def _catalog(self) -> set[str]:
+    def _names(self) -> set[str]:
         """Every workflow name deployed so far: read on from where the last call stopped."""
-        recorder = self.store.recorder
-        stop = int(recorder.max_notification_id() or 0)
-        if stop > self._catalog_position:
-            for notification in recorder.select_notifications(
-                self._catalog_position + 1,
-                stop - self._catalog_position,
-                stop=stop,
-                topics=[WORKFLOW_REGISTERED],
-            ):
-                registered: Any = self.store.mapper.to_domain_event(notification)
-                self._workflow_names.add(registered.name)
-            self._catalog_position = stop
+        self._workflow_names.update(registered.name for _, registered in self._catalog.read(self.store))
         return self._workflow_names
 
     async def workflows(self, who: Principal, names: list[str]) -> list[Workflow | None]:

@@ -27,13 +27,12 @@ from typing import Any
 from eventsourcing.persistence import IntegrityError
 
 from aggregates.schedule import Firing, Timetable
-from aggregates.store import RunStore
+from aggregates.store import RunStore, TopicFollower
+from aggregates.workflow import DEPLOYED, REGISTERED
 from schemas.envelope import Envelope
 from streams.clock import Clock
 
 log = logging.getLogger(__name__)
-REGISTERED = "aggregates.workflow:Workflow.Registered"  # names the workflow; Deployed does not
-DEPLOYED = "aggregates.workflow:Workflow.Deployed"
 InStore = Callable[..., Awaitable[Any]]
 Submit = Callable[[Envelope], Awaitable[None]]
 
@@ -61,7 +60,7 @@ class Scheduler:
         self._submit = submit
         self._clock = clock
         self._poll_seconds = poll_seconds
-        self._position = 0  # in the store's notification log, of the Deployed events read
+        self._deployments = TopicFollower(REGISTERED, DEPLOYED)
         self._due: dict[str, dt.datetime] = {}  # workflow -> its timetable's next due time
         self._names: dict[uuid.UUID, str] = {}  # workflow aggregate id -> workflow name
 
@@ -100,19 +99,12 @@ class Scheduler:
 
     def _deployed(self) -> set[str]:
         """The workflows a version of which was deployed since the last call."""
-        recorder = self._store.recorder
-        stop = int(recorder.max_notification_id() or 0)
         deployed: set[str] = set()
-        if stop > self._position:
-            for notification in recorder.select_notifications(
-                self._position + 1, stop - self._position, stop=stop, topics=[REGISTERED, DEPLOYED]
-            ):
-                found: Any = self._store.mapper.to_domain_event(notification)
-                if notification.topic == REGISTERED:
-                    self._names[found.originator_id] = found.name
-                else:
-                    deployed.add(self._names[found.originator_id])
-            self._position = stop
+        for topic, found in self._deployments.read(self._store):
+            if topic == REGISTERED:
+                self._names[found.originator_id] = found.name
+            else:
+                deployed.add(self._names[found.originator_id])
         return deployed
 
     async def _fire(self, workflow: str, now: dt.datetime) -> None:

@@ -46,7 +46,8 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from pydantic import ValidationError
 
 from aggregates.run import Rejected
-from aggregates.store import RunStore, check_input
+from aggregates.store import RunStore, TopicFollower, check_input
+from aggregates.workflow import DEPLOYED
 from schemas.definition import MESSAGE, KafkaTrigger, WorkflowDefinition
 from schemas.envelope import Envelope
 from schemas.expressions import ExpressionError, evaluate, evaluate_mapping
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRIGGERED_RUNS = uuid.UUID("0b6f2c9e-5d41-4f7a-8e3b-2a9c7d1e4f60")
-WORKFLOW_DEPLOYED = "aggregates.workflow:Workflow.Deployed"
 DEFAULT_TENANT = "default"
 
 
@@ -89,7 +89,7 @@ class DeployedTriggers:
     """The triggers in force, by topic; `read` brings them up to date from the store."""
 
     def __init__(self) -> None:
-        self.position = 0
+        self.deployments = TopicFollower(DEPLOYED)
         # workflow -> version -> (topics it triggers on, deployed at in ms)
         self._versions: dict[str, dict[int, tuple[frozenset[str], int]]] = {}
         self._latest: dict[str, WorkflowDefinition] = {}
@@ -97,22 +97,14 @@ class DeployedTriggers:
 
     def read(self, store: RunStore) -> bool:
         """Read the deployments recorded since the last read; True if the triggers changed."""
-        recorder = store.recorder
-        stop = int(recorder.max_notification_id() or 0)
         changed = False
-        while self.position < stop:
-            notifications = recorder.select_notifications(
-                self.position + 1, 1000, stop=stop, topics=[WORKFLOW_DEPLOYED]
-            )
-            for notification in notifications:
-                deployed: Any = store.mapper.to_domain_event(notification)
-                try:
-                    definition = WorkflowDefinition.model_validate(deployed.definition)
-                except ValidationError as exc:  # written by an engine whose language differed
-                    log.warning("a deployed definition does not load; its triggers are ignored: %s", exc)
-                    continue
-                changed |= self._deployed(definition, int(deployed.timestamp.timestamp() * 1000))
-            self.position = int(notifications[-1].id) if len(notifications) == 1000 else stop
+        for _, deployed in self.deployments.read(store):
+            try:
+                definition = WorkflowDefinition.model_validate(deployed.definition)
+            except ValidationError as exc:  # written by an engine whose language differed
+                log.warning("a deployed definition does not load; its triggers are ignored: %s", exc)
+                continue
+            changed |= self._deployed(definition, int(deployed.timestamp.timestamp() * 1000))
         if changed:
             self.by_topic = self._by_topic()
         return changed
