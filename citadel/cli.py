@@ -36,8 +36,8 @@ from citadel.settings import Settings
 from citadel.stack import announce, kafka_settings, running_engine, running_stack, withdraw
 from citadel.telemetry import exporting_traces, setup_logging, span_exporter
 from schemas.definition import DefinitionInvalid, definition_json_schema, parse_definition
-from schemas.envelope import Envelope, command_json_schema, encode
-from streams.kafka import COMMANDS, KafkaSettings
+from schemas.envelope import Envelope, command_json_schema
+from streams.kafka import KafkaSettings, send_command
 from streams.watch import CommandRejected
 
 app = typer.Typer(
@@ -309,7 +309,7 @@ async def _send_command(kafka: KafkaSettings, command: Envelope) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
     await producer.start()
     try:
-        await producer.send_and_wait(kafka.topic(COMMANDS), encode(command), key=command.run_id.encode())
+        await send_command(producer, kafka, command)
     finally:
         await producer.stop()
 

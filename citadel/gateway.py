@@ -32,10 +32,9 @@ from gateway.metrics import GatewayMetrics
 from nodes.secrets import SecretStore
 from projections.clickhouse import Connection
 from projections.queries import Analytics
-from schemas.envelope import Envelope, encode
+from schemas.envelope import Envelope
 from streams.engine import Engine
-from streams.kafka import COMMANDS, KafkaSettings, producer
-from streams.tracing import TRACEPARENT, traceparent
+from streams.kafka import KafkaSettings, producer, send_command
 
 
 @dataclass
@@ -99,11 +98,7 @@ class EngineLink:
         if self.engine is not None:
             await self.engine.submit(command)
             return
-        key = command.run_id.encode()
-        headers = [(TRACEPARENT, traceparent(command.run_id))]
-        await self.producer.send_and_wait(
-            self.kafka.topic(COMMANDS), encode(command), key=key, headers=headers
-        )
+        await send_command(self.producer, self.kafka, command)
 
 
 @contextlib.asynccontextmanager

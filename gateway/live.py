@@ -22,11 +22,11 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.envelope import Envelope, EnvelopeError, decode
-from streams.kafka import COMMANDS, DEAD_LETTERS, RUN_EVENTS, KafkaSettings
+from streams.kafka import DEAD_LETTERS, RUN_EVENTS, KafkaSettings
+from streams.watch import rejected_command
 
 log = logging.getLogger(__name__)
 TERMINAL = frozenset({"Completed", "Failed", "Cancelled"})
@@ -229,19 +229,10 @@ class KafkaTail:
                             events.append((None, decode(message.value)))
                         except EnvelopeError:
                             continue
-                    elif partition.topic == dead_letters:
-                        self._rejected(message.value)
+                    elif partition.topic == dead_letters and (rejected := rejected_command(message.value)):
+                        self.hub.reject(*rejected)
             if events:
                 self.hub.publish(events)
-
-    def _rejected(self, value: bytes | None) -> None:
-        """A dead-lettered command: its id and the reason, if the letter holds a command."""
-        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-            letter = orjson.loads(value or b"{}")
-            if letter.get("topic") == COMMANDS:
-                command_id = orjson.loads(letter.get("value") or "{}").get("id")
-                if isinstance(command_id, str):
-                    self.hub.reject(command_id, str(letter.get("reason")))
 
     async def stop(self) -> None:
         if self._task is not None:

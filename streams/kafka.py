@@ -21,6 +21,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from schemas.envelope import Envelope, encode
+from streams.tracing import TRACEPARENT, traceparent
+
 COMMANDS = "citadel.commands"
 RUN_EVENTS = "citadel.run-events"
 NODE_TASKS = "citadel.node-tasks"
@@ -174,6 +177,14 @@ async def ensure_topics(settings: KafkaSettings, topics: tuple[str, ...] = TOPIC
                 await admin.create_topics(missing)
     finally:
         await admin.close()
+
+
+async def send_command(producer: AIOKafkaProducer, settings: KafkaSettings, command: Envelope) -> None:
+    """Publish a command to `citadel.commands`, keyed by its run and carrying the run's trace
+    context, as the engine publishes its own; return once the broker has it."""
+    headers = [(TRACEPARENT, traceparent(command.run_id))]
+    topic = settings.topic(COMMANDS)
+    await producer.send_and_wait(topic, encode(command), key=command.run_id.encode(), headers=headers)
 
 
 def producer(settings: KafkaSettings) -> AIOKafkaProducer:

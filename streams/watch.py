@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.envelope import Envelope, EnvelopeError, decode
-from streams.kafka import DEAD_LETTERS, RUN_EVENTS, FetchTuner, KafkaSettings
+from streams.kafka import COMMANDS, DEAD_LETTERS, RUN_EVENTS, FetchTuner, KafkaSettings
 
 TERMINAL = frozenset({"Completed", "Failed", "Cancelled"})
 
@@ -63,7 +63,9 @@ async def watch_run(
             if message.key != key:
                 continue
             if message.topic == dead.topic:
-                _raise_if_rejected(message.value, command_id)
+                rejected = rejected_command(message.value)
+                if command_id is not None and rejected is not None and rejected[0] == command_id:
+                    raise CommandRejected(rejected[1])
                 continue
             try:
                 envelope = decode(message.value)
@@ -80,13 +82,14 @@ async def watch_run(
         await consumer.stop()
 
 
-def _raise_if_rejected(value: bytes | None, command_id: str | None) -> None:
-    if command_id is None or not value:
-        return
+def rejected_command(value: bytes | None) -> tuple[str, str] | None:
+    """The id of the command a dead letter holds and the reason it was rejected; None for a
+    letter of anything but a command."""
     try:
-        letter = orjson.loads(value)
-        rejected = orjson.loads(letter.get("value") or "{}").get("id")
-    except (orjson.JSONDecodeError, AttributeError):
-        return
-    if rejected == command_id:
-        raise CommandRejected(str(letter.get("reason")))
+        letter = orjson.loads(value or b"{}")
+        command_id = orjson.loads(letter.get("value") or "{}").get("id")
+    except (orjson.JSONDecodeError, AttributeError, TypeError):
+        return None
+    if letter.get("topic") != COMMANDS or not isinstance(command_id, str):
+        return None
+    return command_id, str(letter.get("reason"))
