@@ -367,8 +367,12 @@ def _events_after(store: RunStore, run_id: str, tenant: str, after: int) -> tupl
     events = [event_envelope(e, tenant) for e in store.run_events(run_id, after or None)]
     if events and events[-1].type in ("Completed", "Failed", "Cancelled"):
         return events, True
-    # Notification attempts may follow the end: the run's status says whether it has ended.
-    return events, store.run(run_id).status in TERMINAL_RUN
+    # Notification attempts may follow the end: the run's status says whether it has ended. The
+    # run may have ended since the read above, so what was saved until it ended is read again.
+    if store.run(run_id).status not in TERMINAL_RUN:
+        return events, False
+    last = events[-1].version if events else after
+    return events + [event_envelope(e, tenant) for e in store.run_events(run_id, last or None)], True
 
 
 def _page_of_history(
