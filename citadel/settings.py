@@ -35,6 +35,11 @@ class Settings(BaseModel):
         default=None, description="ClickHouse server URL (CITADEL_CLICKHOUSE); chDB under home when unset"
     )
     audit_retention_days: int = Field(default=0, ge=0, description="0 keeps the audit table forever")
+    trigger_batch: int = Field(
+        default=500,
+        ge=1,
+        description="trigger messages started and committed together (CITADEL_TRIGGER_BATCH)",
+    )
     projector_group: str = Field(default="citadel-projector", description="consumer group of the projector")
     projector_batch: int = Field(default=5000, ge=1, description="events per ClickHouse write, at most")
     projector_batch_seconds: float = Field(default=0.2, gt=0, description="write a partial batch after this")
@@ -88,6 +93,7 @@ class Settings(BaseModel):
             traces=env.get("CITADEL_TRACES") or "off",
             clickhouse=env.get("CITADEL_CLICKHOUSE") or None,
             audit_retention_days=int(env.get("CITADEL_AUDIT_RETENTION_DAYS", "0")),
+            trigger_batch=int(env.get("CITADEL_TRIGGER_BATCH", "500")),
             projector_group=env.get("CITADEL_PROJECTOR_GROUP")
             or f"{env.get('CITADEL_GROUP', 'citadel')}-projector",
             projector_batch=int(env.get("CITADEL_PROJECTOR_BATCH", "5000")),

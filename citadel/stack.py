@@ -77,6 +77,7 @@ async def running_stack(
             datadir=str(settings.home / "faust"),
             group=settings.group,
             snapshot_interval=settings.snapshot_interval,
+            trigger_batch=settings.trigger_batch,
             executor_concurrency=settings.executor_concurrency,
             admission=Limits(
                 tenant=settings.tenant_concurrency,

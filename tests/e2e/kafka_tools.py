@@ -85,6 +85,16 @@ async def wait_committed(
         await consumer.stop()
 
 
+async def committed(kafka: KafkaSettings, group: str, topic: str) -> int:
+    """What `group` has committed on partition 0 of a user topic (-1: nothing)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return await consumer.committed(TopicPartition(topic, 0)) or -1
+    finally:
+        await consumer.stop()
+
+
 async def reset_offsets(kafka: KafkaSettings, group: str, topic: str) -> None:
     """Commit offset 0 for `group` on partition 0 of a user topic, so it reads everything again."""
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
