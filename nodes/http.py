@@ -20,6 +20,9 @@ would follow them to any host): a 3xx is a successful output with its `location`
 
 The output is `{"status": int, "headers": {lower-case name: value}, "body": ...}`, the body
 parsed when the response's content type is JSON (null when empty), else decoded text.
+
+Unless private destinations are allowed, a request connects to public addresses only, checked
+where the connection is made (nodes/egress.py); one that may not fails at once as EgressDenied.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from nodes.egress import EgressDenied, check_destination
+from nodes.egress import EgressDenied, EgressTransport
 from nodes.secrets import REDACTED, SecretNotFound, SecretStore, redact
 from schemas.definition import HttpConfig, RetryPolicy
 from schemas.tasks import NodeOutcome, NodeTask
@@ -249,7 +252,9 @@ class HttpExecutor:
         limits = httpx.Limits(
             max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
         )
-        self._client = httpx.AsyncClient(transport=self.transport, limits=limits, follow_redirects=False)
+        transport = self.transport or EgressTransport(self.allow_private, limits)
+        # No proxies from the environment: the egress check is made where the connection is.
+        self._client = httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False)
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).addFilter(self._log_filter)
 
@@ -270,10 +275,6 @@ class HttpExecutor:
             request = self._request(task)
         except (InvalidTask, SecretNotFound) as exc:
             return NodeOutcome.failure(type(exc).__name__, str(exc))
-        try:
-            await check_destination(request.url.host, request.url.port, self.allow_private)
-        except EgressDenied as exc:
-            return self._failure(request, "EgressDenied", f"node {task.node_id!r}: {exc}")
         async with self._slots:
             started = time.perf_counter()
             outcome = await self._call(client, task, request)
@@ -387,9 +388,12 @@ class HttpExecutor:
             await bucket.take()
             remaining = (deadline - self.clock.now()).total_seconds()
             tries += 1
-            result = await self._send(
-                client, request, breaker, trial, min(request.timeout_seconds, remaining)
-            )
+            try:
+                result = await self._send(
+                    client, request, breaker, trial, min(request.timeout_seconds, remaining)
+                )
+            except EgressDenied as exc:
+                return self._failure(request, "EgressDenied", f"{node}: {exc}")
             if isinstance(result, NodeOutcome):
                 return result
             what = f"{node}: {request.describe()} {result.description}"

@@ -22,7 +22,7 @@ import orjson
 
 from aggregates.run import Run
 from aggregates.store import RunStore
-from nodes.egress import EgressDenied, check_destination
+from nodes.egress import EgressDenied, EgressTransport
 from nodes.secrets import SecretNotFound, SecretStore, redact
 from schemas.envelope import Envelope
 from schemas.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
@@ -70,11 +70,13 @@ class Notifier:
         self._submit = submit
         self._clock = clock
         self._secrets = secrets
-        self._allow_private = allow_private  # see nodes/egress.py
         self._timers = Timers(clock, self._due)
         self._slots = asyncio.Semaphore(concurrency)
         self._deliveries: set[asyncio.Task[None]] = set()
-        self._http = httpx.AsyncClient(follow_redirects=False)
+        # No proxies from the environment: the egress check is made where the connection is.
+        self._http = httpx.AsyncClient(
+            transport=EgressTransport(allow_private), follow_redirects=False, trust_env=False
+        )
 
     def arm(self, run_id: str, tenant: str, delivery_id: str, attempt: int, due_at: str) -> None:
         self._timers.arm(f"{delivery_id}#{attempt}", run_id, tenant, dt.datetime.fromisoformat(due_at))
@@ -141,14 +143,11 @@ class Notifier:
             headers[TIMESTAMP_HEADER] = str(timestamp)
             headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
         try:
-            url = httpx.URL(target.url)
-            await check_destination(url.host, url.port, self._allow_private)
-        except EgressDenied as exc:
-            return None, str(exc)
-        try:
             response = await self._http.post(
                 target.url, content=body, headers=headers, timeout=target.timeout_seconds
             )
+        except EgressDenied as exc:
+            return None, str(exc)
         except httpx.HTTPError as exc:
             return None, redact(f"{type(exc).__name__}: {exc}", [secret])
         if 200 <= response.status_code < 300:
