@@ -66,6 +66,8 @@ HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Printable ASCII and tab: no line breaks to inject headers with, nothing httpx cannot encode.
 HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+# Error classes of failed requests, which a retry policy's retry_on names (outgoing webhooks too).
+TIMEOUT, CONNECTION_ERROR, HTTP_STATUS = "Timeout", "ConnectionError", "HTTPStatus"
 
 
 class InvalidTask(ValueError):
@@ -446,7 +448,7 @@ class HttpExecutor:
         healthy: bool | None = None
         try:
             if timeout <= 0:
-                return Retryable("Timeout", "ran out of the node's timeout before it could be sent")
+                return Retryable(TIMEOUT, "ran out of the node's timeout before it could be sent")
             try:
                 async with asyncio.timeout(timeout):
                     async with client.stream(
@@ -460,7 +462,7 @@ class HttpExecutor:
                         content, over_cap = await self._read(response)
             except (TimeoutError, httpx.TimeoutException):
                 healthy = False
-                return Retryable("Timeout", f"got no complete response within {timeout:g} s")
+                return Retryable(TIMEOUT, f"got no complete response within {timeout:g} s")
             except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
                 return self._failure(
                     request,
@@ -469,7 +471,7 @@ class HttpExecutor:
                 )
             except httpx.TransportError as exc:
                 healthy = False
-                return Retryable("ConnectionError", f"failed: {type(exc).__name__}: {exc or 'no detail'}")
+                return Retryable(CONNECTION_ERROR, f"failed: {type(exc).__name__}: {exc or 'no detail'}")
             healthy = response.status_code < 500
             return self._response(request, response, content, over_cap)
         finally:
@@ -498,14 +500,14 @@ class HttpExecutor:
         if status == 429 or status >= 500:
             excerpt = self._excerpt(request, response, content)
             return Retryable(
-                "HTTPStatus",
+                HTTP_STATUS,
                 f"answered {status} {response.reason_phrase}; body: {excerpt}",
                 _retry_after(response.headers.get("retry-after"), self.clock.now()),
             )
         if status >= 400:
             return self._failure(
                 request,
-                "HTTPStatus",
+                HTTP_STATUS,
                 f"{request.describe()} answered {status} {response.reason_phrase} (not retried: a "
                 f"client error); body: {self._excerpt(request, response, content)}",
             )

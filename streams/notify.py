@@ -4,8 +4,10 @@ Each delivery attempt is due at a time the run recorded (NotificationsScheduled,
 retrying NotificationAttempted), so attempts wait on durable timers: on start the engine arms
 them again from every run with pending deliveries. An attempt POSTs the run's summary, signed
 as incoming webhooks are (schemas/webhooks.py), and reports the outcome as a
-NotificationAttempted command; the run decides whether and when to retry. Deliveries run in
-tasks of their own, so a slow receiver delays neither the run's completion nor other timers.
+NotificationAttempted command, with a failure's error class named as the http node names them
+(HTTPStatus, Timeout, ConnectionError, EgressDenied, SecretNotFound) for the target's `retry_on`;
+the run decides whether and when to retry. Deliveries run in tasks of their own, so a slow
+receiver delays neither the run's completion nor other timers.
 Delivery is at least once: a receiver dedupes by the X-Citadel-Delivery header.
 """
 
@@ -23,6 +25,7 @@ import orjson
 from aggregates.run import Run
 from aggregates.store import RunStore
 from nodes.egress import EgressDenied, EgressTransport
+from nodes.http import CONNECTION_ERROR, HTTP_STATUS, TIMEOUT
 from nodes.secrets import SecretNotFound, SecretStore, redact
 from schemas.envelope import Envelope
 from schemas.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
@@ -107,11 +110,12 @@ class Notifier:
                 delivery = run.pending_deliveries().get(delivery_id)
                 if delivery is None or delivery["attempt"] != attempt:
                     return  # recorded already (armed twice, or a restart)
-                status, error = await self._post(run, delivery_id, attempt)
+                status, error_class, error = await self._post(run, delivery_id, attempt)
                 outcome = {
                     "delivery_id": delivery_id,
                     "attempt": attempt,
                     "status_code": status,
+                    "error_class": error_class,
                     "error": error,
                 }
                 command = Envelope.new(
@@ -127,8 +131,11 @@ class Notifier:
                 # The store or the broker failed: the delivery stays pending and is armed again on start.
                 log.exception("notification %s attempt %d could not be recorded", delivery_id, attempt)
 
-    async def _post(self, run: Run, delivery_id: str, attempt: int) -> tuple[int | None, str | None]:
-        """POST the summary: (HTTP status, None) if the receiver took it, else what went wrong."""
+    async def _post(
+        self, run: Run, delivery_id: str, attempt: int
+    ) -> tuple[int | None, str | None, str | None]:
+        """POST the summary: (HTTP status, None, None) if the receiver took it, else the status if
+        there was one, the failure's error class (as the http node names them) and what went wrong."""
         assert run.notifications is not None
         target = run.spec.notify[run.notifications[delivery_id]["index"]]
         body = orjson.dumps(notification_body(run, delivery_id, attempt), option=orjson.OPT_UTC_Z)
@@ -138,7 +145,7 @@ class Notifier:
             try:
                 secret = self._secrets.get(target.secret)
             except SecretNotFound as exc:
-                return None, str(exc)
+                return None, type(exc).__name__, str(exc)
             timestamp = int(self._clock.now().timestamp())
             headers[TIMESTAMP_HEADER] = str(timestamp)
             headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
@@ -147,9 +154,15 @@ class Notifier:
                 target.url, content=body, headers=headers, timeout=target.timeout_seconds
             )
         except EgressDenied as exc:
-            return None, str(exc)
+            return None, type(exc).__name__, str(exc)
         except httpx.HTTPError as exc:
-            return None, redact(f"{type(exc).__name__}: {exc}", [secret])
+            if isinstance(exc, httpx.TimeoutException):
+                error_class = TIMEOUT
+            elif isinstance(exc, httpx.TransportError):
+                error_class = CONNECTION_ERROR
+            else:
+                error_class = type(exc).__name__
+            return None, error_class, redact(f"{type(exc).__name__}: {exc}", [secret])
         if 200 <= response.status_code < 300:
-            return response.status_code, None
-        return response.status_code, f"HTTP {response.status_code} {response.reason_phrase}"
+            return response.status_code, None, None
+        return response.status_code, HTTP_STATUS, f"HTTP {response.status_code} {response.reason_phrase}"
