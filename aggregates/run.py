@@ -303,12 +303,15 @@ class Run(Aggregate):
         delivery_id: str,
         attempt: int,
         status_code: int | None,
+        error_class: str | None,
         error: str | None,
         command_id: str,
         now: dt.datetime,
     ) -> None:
         """The outcome of one delivery attempt: delivered, retried after the target's backoff, or
-        failed for good once its attempts are spent."""
+        failed for good once its attempts are spent, or at once when no retry would mend it: a 4xx
+        answer other than 429 (as the http node's own retries), or an error class that the policy's
+        `retry_on` does not list."""
         delivery = (self.notifications or {}).get(delivery_id)
         if delivery is None:
             raise Rejected(f"run {self.run_id} has no notification delivery {delivery_id!r}")
@@ -316,8 +319,11 @@ class Run(Aggregate):
             return  # news of an attempt already recorded
         policy = self.spec.notify[delivery["index"]].retry
         next_attempt_at = None
+        client_error = status_code is not None and 400 <= status_code < 500 and status_code != 429
         if error is None and status_code is not None and 200 <= status_code < 300:
             outcome = "delivered"
+        elif client_error or (error_class is not None and not policy.retries(error_class)):
+            outcome = "failed"
         elif attempt < policy.max_attempts:
             outcome = "retrying"
             delay = policy.delay_before(attempt + 1, f"{delivery_id}:{attempt + 1}")
@@ -330,6 +336,7 @@ class Run(Aggregate):
             url=delivery["url"],
             attempt=attempt,
             status_code=status_code,
+            error_class=error_class,
             error=error,
             outcome=outcome,
             next_attempt_at=next_attempt_at,
@@ -925,6 +932,7 @@ class Run(Aggregate):
         next_attempt_at: str | None,
         outstanding: int,
         command_id: str,
+        error_class: str | None = None,  # absent from events recorded before it was
     ) -> None:
         # `outstanding`: deliveries of this run still pending after this attempt.
         assert self.notifications is not None

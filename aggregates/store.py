@@ -426,7 +426,13 @@ def _apply_to_run(run: Run, command: Envelope, payload: BaseModel, now: dt.datet
         run.cancel(payload.reason, command.id)
     elif isinstance(payload, NotificationAttempted):
         run.notification_attempted(
-            payload.delivery_id, payload.attempt, payload.status_code, payload.error, command.id, now
+            payload.delivery_id,
+            payload.attempt,
+            payload.status_code,
+            payload.error_class,
+            payload.error,
+            command.id,
+            now,
         )
     else:
         raise Rejected(f"command type {command.type} does not apply to a run")

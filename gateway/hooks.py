@@ -5,13 +5,18 @@ No bearer token: the request is signed (schemas/webhooks.py) with the secret the
 `webhook.secret` names, read from the engine's secret store; a missing, wrong or stale
 signature gets 401. The answer comes at once: 202 with the run id, once the broker holds the
 StartRun. The run id derives from the `Idempotency-Key` header, or else from the signature, so
-a sender retrying a delivery gets the same run, never a second one. A workflow that does not
-exist and one without a webhook get the same 404, so the endpoint tells outsiders nothing.
+a sender retrying a delivery gets the same run, never a second one.
+
+The endpoint tells an unauthenticated caller nothing of which hooks exist: a workflow that does
+not exist, one without a webhook, and one whose secret is not configured are checked against a
+throwaway secret, so each gets the very 401 a wrong signature gets; the log says which it was.
+Only a request whose signature verifies learns more (a stale timestamp, input that does not fit).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from typing import Any
 
@@ -22,7 +27,7 @@ from fastapi.responses import JSONResponse
 from aggregates.workflow import DEFAULT_TENANT
 from gateway.auth import Principal, RateLimit
 from gateway.backend import Backend, input_problems, run_id_for
-from gateway.errors import GatewayError, Problem
+from gateway.errors import GatewayError, Problem, unauthenticated
 from nodes.secrets import SecretNotFound
 from schemas.definition import BODY, HEADERS, WorkflowDefinition
 from schemas.envelope import Envelope
@@ -52,16 +57,7 @@ async def receive(
 ) -> JSONResponse:
     rate_limit.take(f"hook:{tenant}/{workflow}")
     body = await request.body()  # the gateway's size limit applies while it is read
-    definition = await _target(backend, tenant, workflow)
-    assert definition.webhook is not None
-    secret_name = definition.webhook.secret
-    try:
-        secret = backend.secrets.get(secret_name)
-    except SecretNotFound:
-        log.warning("webhook of %s/%s: its secret %r is not configured", tenant, workflow, secret_name)
-        raise GatewayError(
-            f"the webhook secret of workflow {workflow!r} is not configured on this gateway", "UNAVAILABLE"
-        ) from None
+    definition, secret = await _target(backend, tenant, workflow)
     signature = request.headers.get(SIGNATURE_HEADER)
     try:
         verify(
@@ -70,10 +66,13 @@ async def receive(
             signature,
             body,
             time.time(),
-            definition.webhook.tolerance_seconds,
+            definition.webhook.tolerance_seconds if definition and definition.webhook else 0.0,
         )
     except SignatureRejected as exc:
-        raise GatewayError(str(exc), "UNAUTHENTICATED") from None
+        if definition is not None:
+            log.info("webhook of %s/%s refused: %s", tenant, workflow, exc)
+        raise unauthenticated(str(exc)) from None
+    assert definition is not None  # a throwaway secret verifies nothing
     run_input = _run_input(definition, body, dict(request.headers))
     problems = input_problems(definition.input, run_input)
     if problems:
@@ -91,13 +90,25 @@ async def receive(
     return JSONResponse({"run_id": run_id, "workflow": workflow, "version": definition.version}, 202)
 
 
-async def _target(backend: Backend, tenant: str, workflow: str) -> WorkflowDefinition:
+async def _target(backend: Backend, tenant: str, workflow: str) -> tuple[WorkflowDefinition | None, str]:
+    """The workflow and its webhook's secret; if either is missing, None and a throwaway secret."""
     who = Principal(subject="webhook", tenant=tenant, roles=(), token_id=f"hook:{tenant}")
     (found,) = await backend.workflows(who, [workflow])
     definition = found.definition() if found is not None else None
     if definition is None or definition.webhook is None:
-        raise GatewayError(f"no webhook for workflow {workflow!r} of tenant {tenant!r}", "NOT_FOUND")
-    return definition
+        reason = "no such workflow" if definition is None else "the workflow has no webhook"
+        log.info("webhook of %s/%s refused: %s", tenant, workflow, reason)
+        return None, secrets.token_hex(32)
+    try:
+        return definition, backend.secrets.get(definition.webhook.secret)
+    except SecretNotFound:
+        log.warning(
+            "webhook of %s/%s refused: its secret %r is not configured",
+            tenant,
+            workflow,
+            definition.webhook.secret,
+        )
+        return None, secrets.token_hex(32)
 
 
 def _run_input(definition: WorkflowDefinition, body: bytes, headers: dict[str, str]) -> dict[str, Any]:

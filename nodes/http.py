@@ -20,6 +20,9 @@ would follow them to any host): a 3xx is a successful output with its `location`
 
 The output is `{"status": int, "headers": {lower-case name: value}, "body": ...}`, the body
 parsed when the response's content type is JSON (null when empty), else decoded text.
+
+Unless private destinations are allowed, a request connects to public addresses only, checked
+where the connection is made (nodes/egress.py); one that may not fails at once as EgressDenied.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from nodes.egress import EgressDenied, check_destination
+from nodes.egress import EgressDenied, EgressTransport
 from nodes.secrets import REDACTED, SecretNotFound, SecretStore, redact
 from schemas.definition import HttpConfig, RetryPolicy
 from schemas.tasks import NodeOutcome, NodeTask
@@ -63,6 +66,8 @@ HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Printable ASCII and tab: no line breaks to inject headers with, nothing httpx cannot encode.
 HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+# Error classes of failed requests, which a retry policy's retry_on names (outgoing webhooks too).
+TIMEOUT, CONNECTION_ERROR, HTTP_STATUS = "Timeout", "ConnectionError", "HTTPStatus"
 
 
 class InvalidTask(ValueError):
@@ -249,7 +254,9 @@ class HttpExecutor:
         limits = httpx.Limits(
             max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
         )
-        self._client = httpx.AsyncClient(transport=self.transport, limits=limits, follow_redirects=False)
+        transport = self.transport or EgressTransport(self.allow_private, limits)
+        # No proxies from the environment: the egress check is made where the connection is.
+        self._client = httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False)
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).addFilter(self._log_filter)
 
@@ -270,10 +277,6 @@ class HttpExecutor:
             request = self._request(task)
         except (InvalidTask, SecretNotFound) as exc:
             return NodeOutcome.failure(type(exc).__name__, str(exc))
-        try:
-            await check_destination(request.url.host, request.url.port, self.allow_private)
-        except EgressDenied as exc:
-            return self._failure(request, "EgressDenied", f"node {task.node_id!r}: {exc}")
         async with self._slots:
             started = time.perf_counter()
             outcome = await self._call(client, task, request)
@@ -387,9 +390,12 @@ class HttpExecutor:
             await bucket.take()
             remaining = (deadline - self.clock.now()).total_seconds()
             tries += 1
-            result = await self._send(
-                client, request, breaker, trial, min(request.timeout_seconds, remaining)
-            )
+            try:
+                result = await self._send(
+                    client, request, breaker, trial, min(request.timeout_seconds, remaining)
+                )
+            except EgressDenied as exc:
+                return self._failure(request, "EgressDenied", f"{node}: {exc}")
             if isinstance(result, NodeOutcome):
                 return result
             what = f"{node}: {request.describe()} {result.description}"
@@ -442,7 +448,7 @@ class HttpExecutor:
         healthy: bool | None = None
         try:
             if timeout <= 0:
-                return Retryable("Timeout", "ran out of the node's timeout before it could be sent")
+                return Retryable(TIMEOUT, "ran out of the node's timeout before it could be sent")
             try:
                 async with asyncio.timeout(timeout):
                     async with client.stream(
@@ -456,7 +462,7 @@ class HttpExecutor:
                         content, over_cap = await self._read(response)
             except (TimeoutError, httpx.TimeoutException):
                 healthy = False
-                return Retryable("Timeout", f"got no complete response within {timeout:g} s")
+                return Retryable(TIMEOUT, f"got no complete response within {timeout:g} s")
             except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
                 return self._failure(
                     request,
@@ -465,7 +471,7 @@ class HttpExecutor:
                 )
             except httpx.TransportError as exc:
                 healthy = False
-                return Retryable("ConnectionError", f"failed: {type(exc).__name__}: {exc or 'no detail'}")
+                return Retryable(CONNECTION_ERROR, f"failed: {type(exc).__name__}: {exc or 'no detail'}")
             healthy = response.status_code < 500
             return self._response(request, response, content, over_cap)
         finally:
@@ -494,14 +500,14 @@ class HttpExecutor:
         if status == 429 or status >= 500:
             excerpt = self._excerpt(request, response, content)
             return Retryable(
-                "HTTPStatus",
+                HTTP_STATUS,
                 f"answered {status} {response.reason_phrase}; body: {excerpt}",
                 _retry_after(response.headers.get("retry-after"), self.clock.now()),
             )
         if status >= 400:
             return self._failure(
                 request,
-                "HTTPStatus",
+                HTTP_STATUS,
                 f"{request.describe()} answered {status} {response.reason_phrase} (not retried: a "
                 f"client error); body: {self._excerpt(request, response, content)}",
             )

@@ -206,6 +206,7 @@ class NotificationAttempted(BaseModel):
     delivery_id: str
     attempt: int = Field(ge=1)
     status_code: int | None = None
+    error_class: str | None = None  # as the http node's: HTTPStatus, Timeout, ConnectionError, ...
     error: str | None = None
 
 

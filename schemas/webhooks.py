@@ -40,13 +40,14 @@ def verify(
         sent = int(timestamp)
     except ValueError:
         raise SignatureRejected(f"{TIMESTAMP_HEADER} must be unix seconds, got {timestamp[:40]!r}") from None
-    if abs(now - sent) > tolerance:
-        raise SignatureRejected(
-            f"{TIMESTAMP_HEADER} is {now - sent:+.0f} s from the receiver's clock, beyond the tolerance of "
-            f"{tolerance:g} s: sign each delivery when sending it (and check the sender's clock)"
-        )
+    # The signature first: only a sender who knows the secret learns the receiver's tolerance.
     if not hmac.compare_digest(sign(secret, sent, body).encode(), signature.strip().encode()):
         raise SignatureRejected(
             f'{SIGNATURE_HEADER} does not match: expected "{SCHEME}" and the hex HMAC-SHA256 of '
             f'timestamp + "." + body under the workflow\'s webhook secret'
+        )
+    if abs(now - sent) > tolerance:
+        raise SignatureRejected(
+            f"{TIMESTAMP_HEADER} is {now - sent:+.0f} s from the receiver's clock, beyond the tolerance of "
+            f"{tolerance:g} s: sign each delivery when sending it (and check the sender's clock)"
         )

@@ -4,8 +4,10 @@ Each delivery attempt is due at a time the run recorded (NotificationsScheduled,
 retrying NotificationAttempted), so attempts wait on durable timers: on start the engine arms
 them again from every run with pending deliveries. An attempt POSTs the run's summary, signed
 as incoming webhooks are (schemas/webhooks.py), and reports the outcome as a
-NotificationAttempted command; the run decides whether and when to retry. Deliveries run in
-tasks of their own, so a slow receiver delays neither the run's completion nor other timers.
+NotificationAttempted command, with a failure's error class named as the http node names them
+(HTTPStatus, Timeout, ConnectionError, EgressDenied, SecretNotFound) for the target's `retry_on`;
+the run decides whether and when to retry. Deliveries run in tasks of their own, so a slow
+receiver delays neither the run's completion nor other timers.
 Delivery is at least once: a receiver dedupes by the X-Citadel-Delivery header.
 """
 
@@ -22,7 +24,8 @@ import orjson
 
 from aggregates.run import Run
 from aggregates.store import RunStore
-from nodes.egress import EgressDenied, check_destination
+from nodes.egress import EgressDenied, EgressTransport
+from nodes.http import CONNECTION_ERROR, HTTP_STATUS, TIMEOUT
 from nodes.secrets import SecretNotFound, SecretStore, redact
 from schemas.envelope import Envelope
 from schemas.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
@@ -70,11 +73,13 @@ class Notifier:
         self._submit = submit
         self._clock = clock
         self._secrets = secrets
-        self._allow_private = allow_private  # see nodes/egress.py
         self._timers = Timers(clock, self._due)
         self._slots = asyncio.Semaphore(concurrency)
         self._deliveries: set[asyncio.Task[None]] = set()
-        self._http = httpx.AsyncClient(follow_redirects=False)
+        # No proxies from the environment: the egress check is made where the connection is.
+        self._http = httpx.AsyncClient(
+            transport=EgressTransport(allow_private), follow_redirects=False, trust_env=False
+        )
 
     def arm(self, run_id: str, tenant: str, delivery_id: str, attempt: int, due_at: str) -> None:
         self._timers.arm(f"{delivery_id}#{attempt}", run_id, tenant, dt.datetime.fromisoformat(due_at))
@@ -105,11 +110,12 @@ class Notifier:
                 delivery = run.pending_deliveries().get(delivery_id)
                 if delivery is None or delivery["attempt"] != attempt:
                     return  # recorded already (armed twice, or a restart)
-                status, error = await self._post(run, delivery_id, attempt)
+                status, error_class, error = await self._post(run, delivery_id, attempt)
                 outcome = {
                     "delivery_id": delivery_id,
                     "attempt": attempt,
                     "status_code": status,
+                    "error_class": error_class,
                     "error": error,
                 }
                 command = Envelope.new(
@@ -125,8 +131,11 @@ class Notifier:
                 # The store or the broker failed: the delivery stays pending and is armed again on start.
                 log.exception("notification %s attempt %d could not be recorded", delivery_id, attempt)
 
-    async def _post(self, run: Run, delivery_id: str, attempt: int) -> tuple[int | None, str | None]:
-        """POST the summary: (HTTP status, None) if the receiver took it, else what went wrong."""
+    async def _post(
+        self, run: Run, delivery_id: str, attempt: int
+    ) -> tuple[int | None, str | None, str | None]:
+        """POST the summary: (HTTP status, None, None) if the receiver took it, else the status if
+        there was one, the failure's error class (as the http node names them) and what went wrong."""
         assert run.notifications is not None
         target = run.spec.notify[run.notifications[delivery_id]["index"]]
         body = orjson.dumps(notification_body(run, delivery_id, attempt), option=orjson.OPT_UTC_Z)
@@ -136,21 +145,24 @@ class Notifier:
             try:
                 secret = self._secrets.get(target.secret)
             except SecretNotFound as exc:
-                return None, str(exc)
+                return None, type(exc).__name__, str(exc)
             timestamp = int(self._clock.now().timestamp())
             headers[TIMESTAMP_HEADER] = str(timestamp)
             headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
         try:
-            url = httpx.URL(target.url)
-            await check_destination(url.host, url.port, self._allow_private)
-        except EgressDenied as exc:
-            return None, str(exc)
-        try:
             response = await self._http.post(
                 target.url, content=body, headers=headers, timeout=target.timeout_seconds
             )
+        except EgressDenied as exc:
+            return None, type(exc).__name__, str(exc)
         except httpx.HTTPError as exc:
-            return None, redact(f"{type(exc).__name__}: {exc}", [secret])
+            if isinstance(exc, httpx.TimeoutException):
+                error_class = TIMEOUT
+            elif isinstance(exc, httpx.TransportError):
+                error_class = CONNECTION_ERROR
+            else:
+                error_class = type(exc).__name__
+            return None, error_class, redact(f"{type(exc).__name__}: {exc}", [secret])
         if 200 <= response.status_code < 300:
-            return response.status_code, None
-        return response.status_code, f"HTTP {response.status_code} {response.reason_phrase}"
+            return response.status_code, None, None
+        return response.status_code, HTTP_STATUS, f"HTTP {response.status_code} {response.reason_phrase}"

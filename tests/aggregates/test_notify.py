@@ -15,11 +15,18 @@ def notifying(*targets: dict[str, Any], node: dict[str, Any] | None = None) -> d
     return workflow(node or transform("t", "1"), notify=list(targets))
 
 
-def attempted(run: RunUnderTest, attempt: int, status: int | None, error: str | None = None) -> Any:
+def attempted(
+    run: RunUnderTest,
+    attempt: int,
+    status: int | None,
+    error: str | None = None,
+    error_class: str | None = None,
+) -> Any:
     delivery = f"{run.run_id}:notify:0"
+    outcome = {"status_code": status, "error_class": error_class, "error": error}
     return run.command(
         "NotificationAttempted",
-        {"delivery_id": delivery, "attempt": attempt, "status_code": status, "error": error},
+        {"delivery_id": delivery, "attempt": attempt, **outcome},
         id=f"{delivery}:{attempt}:attempted",
     )
 
@@ -74,3 +81,31 @@ def test_news_of_an_attempt_already_recorded_changes_nothing(run: RunUnderTest) 
         "NotificationAttempted", {"delivery_id": f"{run.run_id}:notify:0", "attempt": 1, "status_code": 200}
     )
     assert run.when(stale) == []  # another id, same attempt: the run has moved on to attempt 2
+
+
+def test_a_client_error_answer_other_than_429_is_given_up_at_once(run: RunUnderTest) -> None:
+    run.given(run.start(notifying({"url": HOOK, "retry": {"max_attempts": 5}})))
+    run.when(attempted(run, 1, 400, "HTTP 400 Bad Request", "HTTPStatus"))
+    last = run.last("NotificationAttempted")
+    assert (last.outcome, last.error_class, last.next_attempt_at, last.outstanding) == (
+        "failed",
+        "HTTPStatus",
+        None,
+        0,
+    )
+
+
+def test_a_429_answer_is_retried(run: RunUnderTest) -> None:
+    run.given(run.start(notifying({"url": HOOK, "retry": {"max_attempts": 5}})))
+    run.when(attempted(run, 1, 429, "HTTP 429 Too Many Requests", "HTTPStatus"))
+    assert run.last("NotificationAttempted").outcome == "retrying"
+
+
+def test_a_failure_of_a_class_retry_on_does_not_list_is_given_up_at_once(run: RunUnderTest) -> None:
+    policy = {"max_attempts": 5, "retry_on": ["Timeout"]}
+    run.given(run.start(notifying({"url": HOOK, "retry": policy})))
+    run.when(attempted(run, 1, None, "ReadTimeout: timed out", "Timeout"))
+    assert run.last("NotificationAttempted").outcome == "retrying"
+    run.when(attempted(run, 2, 503, "HTTP 503 Service Unavailable", "HTTPStatus"))
+    last = run.last("NotificationAttempted")
+    assert (last.attempt, last.outcome, last.outstanding) == (2, "failed", 0)

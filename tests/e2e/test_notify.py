@@ -30,21 +30,22 @@ FAST_RETRY = {"max_attempts": 4, "delay_seconds": 0.2, "multiplier": 2, "jitter"
 
 
 class Receiver:
-    """An HTTP server that answers 503 to the first `failures` deliveries, then 200."""
+    """An HTTP server that answers `status` to the first `failures` deliveries, then 200."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, status: int) -> None:
         self.failures = failures
+        self.status = status
         self.requests: list[tuple[dict[str, str], bytes]] = []
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append((dict(request.headers), await request.read()))
-        return web.Response(status=503 if len(self.requests) <= self.failures else 200)
+        return web.Response(status=self.status if len(self.requests) <= self.failures else 200)
 
 
 @contextlib.asynccontextmanager
-async def receiving(failures: int) -> AsyncIterator[Receiver]:
-    receiver = Receiver(failures)
+async def receiving(failures: int, status: int = 503) -> AsyncIterator[Receiver]:
+    receiver = Receiver(failures, status)
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)
     runner = web.AppRunner(app)
@@ -101,6 +102,14 @@ async def attempts(store_url: str, run_id: str, count: int, timeout: float = 60.
             await asyncio.sleep(0.1)
 
 
+async def left_active_runs(engine: Engine, run_id: str) -> None:
+    """Once the run has nothing left to deliver, it leaves the engine's active runs."""
+    assert engine.ledger is not None
+    async with asyncio.timeout(30):
+        while run_id in await engine._in_store(engine.ledger.active_runs):
+            await asyncio.sleep(0.1)
+
+
 def stored_bytes(store_url: str) -> bytes:
     path = Path(store_url.removeprefix("sqlite:///"))
     return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
@@ -153,11 +162,30 @@ async def test_a_receiver_that_is_down_gets_the_policy_s_attempts_then_a_final_f
         (2, None, "failed", 0),
     ]
     assert all("ConnectError" in e.error for e in found)
-    assert engine.ledger is not None
-    # Nothing left to deliver: the run leaves the engine's active runs.
-    async with asyncio.timeout(30):
-        while run_id in await engine._in_store(engine.ledger.active_runs):
-            await asyncio.sleep(0.1)
+    await left_active_runs(engine, run_id)  # nothing left to deliver
+
+
+async def test_a_receiver_answering_a_client_error_gets_one_attempt(engine: Engine) -> None:
+    async with receiving(failures=5, status=400) as receiver:
+        run_id = await start(engine, notifying({"url": receiver.url, "retry": FAST_RETRY}))
+        found = await attempts(engine.settings.store_url, run_id, 1)
+        await left_active_runs(engine, run_id)  # so no other attempt is in flight
+    assert [(e.attempt, e.status_code, e.error_class, e.outcome) for e in found] == [
+        (1, 400, "HTTPStatus", "failed")
+    ]
+    assert len(receiver.requests) == 1
+
+
+async def test_a_failure_whose_class_retry_on_does_not_list_is_final_at_once(engine: Engine) -> None:
+    async with receiving(failures=5) as receiver:
+        policy = {**FAST_RETRY, "retry_on": ["Timeout", "ConnectionError"]}
+        run_id = await start(engine, notifying({"url": receiver.url, "retry": policy}))
+        found = await attempts(engine.settings.store_url, run_id, 1)
+        await left_active_runs(engine, run_id)
+    assert [(e.attempt, e.status_code, e.error_class, e.outcome) for e in found] == [
+        (1, 503, "HTTPStatus", "failed")
+    ]
+    assert len(receiver.requests) == 1
 
 
 async def test_a_pending_delivery_survives_an_engine_restart(

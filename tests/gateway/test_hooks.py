@@ -1,10 +1,12 @@
 """Incoming webhooks: a signed POST starts a run of the latest version at once; a missing, wrong or
-stale signature gets 401; a retried delivery gets the same run; bad input gets 422 naming the
-field; an oversized body gets 413; the secret shows in no answer."""
+stale signature gets 401, and so does a workflow without a webhook, which the caller cannot tell
+apart; a retried delivery gets the same run; bad input gets 422 naming the field; an oversized
+body gets 413; the secret shows in no answer."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import time
@@ -38,6 +40,9 @@ PLAIN = {
     "outputs": {"n": "echo"},
     "webhook": {"secret": "ORDERS_HOOK"},
 }
+
+NO_HOOK = {key: value for key, value in PLAIN.items() if key != "webhook"} | {"name": "quiet"}
+UNSET_SECRET = PLAIN | {"name": "unset", "webhook": {"secret": "UNSET_HOOK"}}
 
 
 @pytest.fixture(scope="module")
@@ -189,14 +194,51 @@ async def test_an_oversized_body_gets_413_before_it_is_read(deployed: Gateway, s
     assert answer["errors"][0]["extensions"]["code"] == "TOO_LARGE"
 
 
-async def test_unknown_workflows_and_other_tenants_get_the_same_404(deployed: Gateway, secret: str) -> None:
+async def test_no_workflow_no_webhook_no_secret_and_a_wrong_signature_get_the_same_401(
+    deployed: Gateway, secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.hooks")
+    for definition in (NO_HOOK, UNSET_SECRET):
+        result = (await deployed.data(DEPLOY, {"d": definition}))["deployWorkflow"]
+        assert result["problems"] == [], result
     body = orjson.dumps({"n": 1})
-    answers = [
-        await post(deployed, path, body, signed(secret, body))
-        for path in ("/hooks/acme/nothing", "/hooks/other/plain", "/hooks/plain")
-    ]
-    assert [status for status, _ in answers] == [404, 404, 404]
-    assert "no webhook for workflow 'plain' of tenant 'default'" in answers[2][1]["errors"][0]["message"]
+    wrong = signed("not the secret", body)
+    refused = await post(deployed, "/hooks/acme/plain", body, wrong)
+    assert refused[0] == 401
+    paths = (
+        "/hooks/acme/nothing",
+        "/hooks/other/plain",
+        "/hooks/plain",
+        "/hooks/acme/quiet",
+        "/hooks/acme/unset",
+    )
+    for path in paths:
+        assert await post(deployed, path, body, signed(secret, body)) == refused, path
+        assert await post(deployed, path, body, wrong) == refused, path
+    for headers in ({}, {TIMESTAMP_HEADER: "yesterday", SIGNATURE_HEADER: "sha256=00"}):
+        known = await post(deployed, "/hooks/acme/plain", body, headers)
+        assert known[0] == 401 and await post(deployed, "/hooks/acme/nothing", body, headers) == known
+    logged = caplog.text
+    for reason in (
+        "acme/nothing refused: no such workflow",
+        "other/plain refused: no such workflow",
+        "acme/quiet refused: the workflow has no webhook",
+        "acme/unset refused: its secret 'acme.UNSET_HOOK' is not configured",
+        "acme/plain refused: X-Citadel-Signature does not match",
+    ):
+        assert reason in logged
+    assert secret not in logged
+
+
+async def test_a_stale_timestamp_is_told_only_to_a_sender_whose_signature_verifies(
+    deployed: Gateway, secret: str
+) -> None:
+    body = orjson.dumps({"n": 1})
+    stale = time.time() - 301
+    status, answer = await post(deployed, "/hooks/acme/plain", body, signed("not the secret", body, at=stale))
+    assert status == 401 and "does not match" in answer["errors"][0]["message"]
+    status, answer = await post(deployed, "/hooks/acme/plain", body, signed(secret, body, at=stale))
+    assert status == 401 and "beyond the tolerance of 300 s" in answer["errors"][0]["message"]
 
 
 async def test_the_default_tenant_is_the_path_without_a_tenant(deployed: Gateway, secret: str) -> None:
