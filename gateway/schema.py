@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import strawberry
+from graphql import GraphQLError
 from strawberry.dataloader import DataLoader
 from strawberry.extensions import MaskErrors, MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.fastapi import BaseContext
 from strawberry.scalars import JSON
-from strawberry.types import Info
+from strawberry.types import ExecutionContext, Info
+from strawberry.utils.logging import StrawberryLogger
 
 from aggregates.run import Run as RunAggregate
 from aggregates.workflow import Workflow as WorkflowAggregate
@@ -21,6 +24,8 @@ from gateway.backend import Backend, Deployment, RunTicket, encode_cursor
 from gateway.errors import GatewayError, Problem, unauthenticated
 from gateway.tenancy import public, public_definition
 from schemas.envelope import Envelope
+
+log = logging.getLogger(__name__)
 
 MAX_PAGE = 100
 
@@ -582,8 +587,23 @@ def _should_mask(error: Any) -> bool:
     return original is not None and not isinstance(original, GatewayError)
 
 
+class CitadelSchema(strawberry.Schema):
+    """Logs what went wrong inside the gateway at ERROR, with its traceback; a caller's mistake
+    (a query that does not validate, a run of another tenant, a bad argument) is the caller's,
+    answered in the response and logged at INFO only."""
+
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        for error in errors:
+            if _should_mask(error):
+                StrawberryLogger.error(error, execution_context)
+            else:
+                log.info("refused a GraphQL request: %s (at %s)", error.message, error.path or "the document")
+
+
 def build_schema(max_depth: int = 10, max_tokens: int = 2000, max_aliases: int = 20) -> strawberry.Schema:
-    return strawberry.Schema(
+    return CitadelSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from typing import Any
 
 import graphql
@@ -166,3 +167,30 @@ async def test_no_query_or_mutation_the_schema_allows_gets_a_server_error(
     for error in body.get("errors") or []:
         assert error.get("extensions", {}).get("code") != "INTERNAL", (document, body)
         assert error["message"] != "internal error", (document, body)
+
+
+async def test_a_callers_mistakes_are_not_logged_as_errors_and_a_fault_of_ours_is(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    headers = {"Authorization": f"Bearer {gateway.token('alice', ('viewer',))}"}
+    mistakes = [
+        "{ nosuchfield }",  # does not validate
+        '{ run(id: "00000000-0000-0000-0000-000000000000") { id } }',  # not found
+        'mutation { cancelRun(runId: "x", reason: "r") { runId } }',  # not allowed to a viewer
+    ]
+    with caplog.at_level(logging.INFO):
+        for document in mistakes:
+            body = (await gateway.http.post("/graphql", json={"query": document}, headers=headers)).json()
+            assert body["errors"], body
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert sum("refused a GraphQL request" in r.getMessage() for r in caplog.records) == len(mistakes)
+
+    # An exception of the gateway's own (a bug) is logged at ERROR, with its traceback.
+    caplog.clear()
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as bug:
+        fault = graphql.GraphQLError("a bug", original_error=bug)
+    build_schema().process_errors([fault])
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.exc_info is not None and "a bug" in caplog.text
