@@ -9,16 +9,19 @@ processes read it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer
 
 from citadel.settings import Settings
 from projections.clickhouse import Connection
 from projections.projection import Projection
 from projections.projector import Projector
 from projections.schema import migrate
-from streams.kafka import RUN_EVENTS, KafkaSettings, StreamApp, stream_app
+from streams.kafka import RUN_EVENTS, FetchTuner, KafkaSettings, group_consumer
 
 
 def open_projections(settings: Settings, database: str | None = None) -> Connection:
@@ -36,28 +39,42 @@ def open_projections(settings: Settings, database: str | None = None) -> Connect
 class RunningProjector:
     projector: Projector
     connection: Connection
-    app: StreamApp
+    consumer: AIOKafkaConsumer
 
 
 @contextlib.asynccontextmanager
 async def running_projector(
     settings: Settings, kafka: KafkaSettings, database: str | None = None
 ) -> AsyncIterator[RunningProjector]:
-    """The projector's Faust app (its own consumer group) on `citadel.run-events`, started."""
+    """The projector on `citadel.run-events` (its own consumer group), started; on leaving, it
+    projects what was published before and stops cleanly."""
     connection = open_projections(settings, database)
     projector = Projector(
         Projection(connection.client),
         batch_size=settings.projector_batch,
         batch_seconds=settings.projector_batch_seconds,
     )
-    app = stream_app(settings.projector_group, kafka, str(settings.home / "faust-projector"))
-    projector.register(app, kafka.topic(RUN_EVENTS), kafka.partitions)
+    consumer = group_consumer(
+        kafka, settings.projector_group, kafka.topic(RUN_EVENTS), max_poll_records=settings.projector_batch
+    )
+    # The embedded broker answers a waiting fetch only when the wait is over: short while
+    # batches come, growing with a lull (streams/kafka.py).
+    tuner = FetchTuner(kafka)
+    tuner.register(consumer)
+    projector.on_written.append(lambda _envelopes, _at: tuner.activity())
+    tuning = asyncio.create_task(tuner.run(), name="citadel-projector-fetch-tuner")
     try:
-        await app.start()
-        yield RunningProjector(projector, connection, app)
+        await consumer.start()
+        projector.start(consumer)
+        yield RunningProjector(projector, connection, consumer)
         await projector.drain()
     finally:
-        with contextlib.suppress(Exception):  # a half-started Faust app may fail to stop
-            await app.stop()
-        projector.close()
-        connection.close()
+        try:
+            await projector.stop()
+        finally:
+            tuning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await tuning
+            await consumer.stop()
+            projector.close()
+            connection.close()

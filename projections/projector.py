@@ -1,10 +1,16 @@
-"""The projector: a Faust agent that writes `citadel.run-events` into ClickHouse in batches.
+"""The projector: an aiokafka consumer that writes `citadel.run-events` into ClickHouse in batches.
 
-A batch closes at `batch_size` events or after `batch_seconds`, whichever comes first; it is
-written in a thread (ClickHouse calls block) and only then acknowledged, so the consumer
-group's committed offsets are the projector's position. A batch that fails to write is
-retried until it succeeds (the lag grows meanwhile); a projector killed before it commits
-gets the batch again, and the projection drops what it already holds.
+A batch closes at `batch_size` events or `batch_seconds` after its first arrived, whichever
+comes first; it is written in the projector's one IO thread (ClickHouse calls block) and only
+then are its offsets committed, so the consumer group's committed offsets are the projector's
+position. A batch that fails to write is retried until it succeeds (the lag grows meanwhile).
+A projector killed before it commits, or whose commit fails because its partitions moved, has
+the batch delivered again (to itself or the new owner), and the projection drops what it
+already holds. A clean stop stops fetching, writes and commits the batch in hand, and returns.
+
+A plain consumer rather than a Faust agent: it hands over whole fetched batches, where an
+agent's stream costs an event object, a queue hop and an acknowledgement per message, which a
+saturated engine in the same process could not spare (the projector fell seconds behind).
 """
 
 from __future__ import annotations
@@ -12,11 +18,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeAlias
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from projections.projection import Projection
 from projections.rebuild import rebuild
@@ -74,6 +84,7 @@ class ProjectorMetrics:
 
 # Called after each written batch with its new events and when they became visible.
 WrittenHook = Callable[[Sequence[Envelope], float], None]
+Message: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
 class Projector:
@@ -93,22 +104,88 @@ class Projector:
         self.metrics = ProjectorMetrics()
         self.on_written: list[WrittenHook] = []
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citadel-projector")
-        self._app: Any = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._writing = asyncio.Lock()
 
-    def register(self, app: Any, topic: str, partitions: int) -> None:
-        """Add the projector's agent to a Faust app (before the app starts)."""
-        channel = app.topic(topic, key_serializer="raw", value_serializer="raw", partitions=partitions)
-        app.agent(channel, name="project")(self._agent)
-        self._app = app
+    def start(self, consumer: AIOKafkaConsumer) -> None:
+        """Project what `consumer` fetches until `stop()`. It is started, subscribed to the run
+        events in the projector's group, and commits nothing by itself (the projector commits
+        each batch once it is written)."""
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._run(consumer), name="citadel-projector")
 
-    async def _agent(self, stream: Any) -> None:
-        async for events in stream.take_events(self.batch_size, within=self.batch_seconds):
-            # take_events acknowledges the batch when this body returns, so it must not return
-            # (or raise) before the batch is written.
-            await self.write([event.message for event in events])
+    async def stop(self) -> None:
+        """Stop fetching; write and commit the batch in hand. The consumer is the caller's to stop."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
 
-    async def write(self, messages: Sequence[Any]) -> None:
+    async def _run(self, consumer: AIOKafkaConsumer) -> None:
+        while not self._stopping.is_set():
+            batch = await self._batch(consumer)
+            if batch and await self.write(batch):
+                await self._commit(consumer, batch)
+
+    async def _batch(self, consumer: AIOKafkaConsumer) -> list[Message]:
+        """The next batch: fetched until `batch_size` messages or `batch_seconds` after the first
+        arrived; whatever is in hand once stopping."""
+        loop = asyncio.get_running_loop()
+        batch: list[Message] = []
+        closes_at = math.inf
+        while len(batch) < self.batch_size and not self._stopping.is_set():
+            wait = min(closes_at - loop.time(), self.batch_seconds)
+            if wait <= 0:
+                break
+            try:
+                fetched = await consumer.getmany(
+                    timeout_ms=round(wait * 1000), max_records=self.batch_size - len(batch)
+                )
+            except KafkaError:
+                # The messages in hand are past the consumer's position: write them before anything.
+                log.exception("the projector's consumer failed; fetching again")
+                if batch:
+                    break
+                await asyncio.sleep(self.retry_seconds)
+                continue
+            for messages in fetched.values():
+                batch.extend(messages)
+            if not batch:
+                await self._idle_positions(consumer)
+            elif closes_at == math.inf:
+                closes_at = loop.time() + self.batch_seconds
+        return batch
+
+    async def _idle_positions(self, consumer: AIOKafkaConsumer) -> None:
+        """With nothing in hand, all that was fetched is written: the consumer's positions are the
+        projector's (this is how partitions committed before this start, with nothing new, count
+        as projected)."""
+        positions = self.metrics.positions
+        for tp in consumer.assignment():
+            try:
+                # Unknown until the group's committed offset is read: then it is not yet known here.
+                position = await asyncio.wait_for(consumer.position(tp), self.batch_seconds)
+            except (KafkaError, TimeoutError):
+                continue
+            key = (tp.topic, tp.partition)
+            positions[key] = max(positions.get(key, 0), position)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, batch: Sequence[Message]) -> None:
+        offsets: dict[TopicPartition, int] = {}
+        for message in batch:
+            tp = TopicPartition(message.topic, message.partition)
+            offsets[tp] = max(offsets.get(tp, 0), message.offset + 1)
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The partitions moved meanwhile: their new owner gets the batch again, and the
+            # projection drops what it already holds.
+            log.info("projector offsets not committed (%s); the batch is delivered again", exc)
+
+    async def write(self, messages: Sequence[Message]) -> bool:
+        """Project a batch of messages, skipping undecodable ones; False if it was not written
+        because the projector stops (it is delivered again: nothing was committed)."""
         envelopes = []
         for message in messages:
             try:
@@ -117,19 +194,23 @@ class Projector:
                 self.metrics.undecodable += 1
                 log.warning("projector skips an undecodable run event at offset %s: %s", message.offset, exc)
         async with self._writing:
-            await self._write(messages, envelopes)
+            return await self._write(messages, envelopes)
 
-    async def _write(self, messages: Sequence[Any], envelopes: list[Envelope]) -> None:
+    async def _write(self, messages: Sequence[Message], envelopes: list[Envelope]) -> bool:
         loop = asyncio.get_running_loop()
         while True:
             duplicates = self.projection.duplicates
             try:
                 written = await loop.run_in_executor(self._io, self.projection.write, envelopes)
                 break
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 self.metrics.write_errors += 1
+                if self._stopping.is_set():
+                    log.exception(
+                        "projecting %d run events failed while stopping; left for the next start",
+                        len(envelopes),
+                    )
+                    return False
                 log.exception("projecting %d run events failed; retrying", len(envelopes))
                 await asyncio.sleep(self.retry_seconds)
         now = time.time()
@@ -146,6 +227,7 @@ class Projector:
         self._update_highwaters()
         for hook in self.on_written:
             hook(envelopes, now)
+        return True
 
     async def rebuild(self, history: Iterable[Envelope]) -> int:
         """Rebuild every projection from `history` and swap it in (projections/rebuild.py), with
@@ -159,11 +241,10 @@ class Projector:
                 self.projection.forget()
 
     def _update_highwaters(self) -> None:
-        app = self._app
-        if app is None:
+        consumer = self._consumer
+        if consumer is None:
             return
         try:
-            consumer = app.consumer
             for tp in consumer.assignment():
                 self.metrics.highwaters[(tp.topic, tp.partition)] = consumer.highwater(tp) or 0
         except Exception:  # no consumer yet, or mid-rebalance: keep the last figures

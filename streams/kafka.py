@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -163,6 +163,21 @@ def stream_app(name: str, settings: KafkaSettings, datadir: str) -> StreamApp:
     )
     app.fetch_tuner = FetchTuner(settings)
     return app
+
+
+def group_consumer(settings: KafkaSettings, group: str, *topics: str, **options: Any) -> AIOKafkaConsumer:
+    """A consumer in `group`, from the earliest offset where the group has none, with the session
+    timing the broker wants; it commits nothing by itself (its owner commits what is done)."""
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=round(settings.session_timeout * 1000),
+        heartbeat_interval_ms=round(settings.heartbeat_interval * 1000),
+        **options,
+    )
 
 
 async def ensure_topics(settings: KafkaSettings, topics: tuple[str, ...] = TOPICS) -> None:

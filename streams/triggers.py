@@ -51,6 +51,7 @@ from aggregates.workflow import DEPLOYED
 from schemas.definition import MESSAGE, KafkaTrigger, WorkflowDefinition
 from schemas.envelope import Envelope
 from schemas.expressions import ExpressionError, evaluate, evaluate_mapping
+from streams.kafka import group_consumer
 
 if TYPE_CHECKING:
     from streams.engine import Engine
@@ -264,16 +265,8 @@ class Triggers:
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         kafka = self.engine.settings.kafka
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap,
-            group_id=self.group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=round(kafka.session_timeout * 1000),
-            heartbeat_interval_ms=round(kafka.heartbeat_interval * 1000),
-            # A topic a trigger names before anyone published to it is noticed soon after.
-            metadata_max_age_ms=5000,
-        )
+        # A topic a trigger names before anyone published to it is noticed soon after.
+        consumer = group_consumer(kafka, self.group, metadata_max_age_ms=5000)
         self.engine.app.fetch_tuner.register(consumer)
         return consumer
 

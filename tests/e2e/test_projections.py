@@ -149,3 +149,23 @@ async def test_events_delivered_again_from_the_beginning_duplicate_nothing(
             after = contents(second.connection.client)
             assert second.projector.metrics.events == 0
     assert after == before
+
+
+async def test_a_projector_stopped_cleanly_and_started_again_in_its_group_gets_nothing_again(
+    engine_factory: EngineFactory, tmp_path: Path, chdb_url: str, database: str
+) -> None:
+    store_url = f"sqlite:///{tmp_path / 'events.db'}"
+    group = f"p-{uuid.uuid4().hex[:8]}"
+    async with engine_factory(store_url=store_url) as engine:
+        async with projector(engine, tmp_path, chdb_url, database, group) as first:
+            await mixed_workload(engine)
+            store = RunStore(store_url)
+            total = len(list(history(store)))
+            store.close()
+            await until_projected(first.connection, total)
+        # Leaving the context stopped it cleanly: every written batch is committed, so the group
+        # starts again after it, and partitions with nothing new count as projected.
+        async with projector(engine, tmp_path, chdb_url, database, group) as second:
+            assert await second.projector.drain()
+            assert second.projector.metrics.lag_messages == 0
+            assert second.projector.metrics.duplicates == 0 and second.projector.metrics.events == 0
