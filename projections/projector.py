@@ -1,9 +1,10 @@
 """The projector: an aiokafka consumer that writes `citadel.run-events` into ClickHouse in batches.
 
 A batch closes at `batch_size` events or `batch_seconds` after its first arrived, whichever
-comes first; it is written in the projector's one IO thread (ClickHouse calls block) and only
-then are its offsets committed, so the consumer group's committed offsets are the projector's
-position. A batch that fails to write is retried until it succeeds (the lag grows meanwhile).
+comes first, and takes whatever arrives while the batch before it is written. It is written in
+the projector's one IO thread (ClickHouse calls block) and only then are its offsets committed,
+so the consumer group's committed offsets are the projector's position. A batch that fails to
+write is retried until it succeeds (the lag grows meanwhile).
 A projector killed before it commits, or whose commit fails because its partitions moved, has
 the batch delivered again (to itself or the new owner), and the projection drops what it
 already holds. A clean stop stops fetching, writes and commits the batch in hand, and returns.
@@ -90,6 +91,9 @@ Message: TypeAlias = ConsumerRecord[bytes, bytes]
 class Projector:
     """Batches of run-event messages -> the projection, off the event loop, retried until written."""
 
+    # How often a batch whose window has closed looks for more while the one before is written.
+    WRITING_POLL_SECONDS = 0.01
+
     def __init__(
         self,
         projection: Projection,
@@ -123,21 +127,32 @@ class Projector:
             await self._task
 
     async def _run(self, consumer: AIOKafkaConsumer) -> None:
-        while not self._stopping.is_set():
-            batch = await self._batch(consumer)
-            if batch and await self.write(batch):
-                await self._commit(consumer, batch)
+        # The next batch is fetched while the last one is written: under load a write costs
+        # more than the window, and what arrives meanwhile goes into the next write at once.
+        writing: asyncio.Task[None] | None = None
+        while True:
+            batch = await self._batch(consumer, writing)
+            if writing is not None:
+                await writing
+            if not batch:
+                return  # stopping, and everything fetched is written
+            writing = asyncio.create_task(self._project(consumer, batch))
+            if self._stopping.is_set():
+                await writing
+                return
 
-    async def _batch(self, consumer: AIOKafkaConsumer) -> list[Message]:
-        """The next batch: fetched until `batch_size` messages or `batch_seconds` after the first
-        arrived; whatever is in hand once stopping."""
+    async def _batch(self, consumer: AIOKafkaConsumer, writing: asyncio.Task[None] | None) -> list[Message]:
+        """The next batch: fetched until `batch_size` messages, or until `batch_seconds` after its
+        first arrived and the batch before it is written; whatever is in hand once stopping."""
         loop = asyncio.get_running_loop()
         batch: list[Message] = []
         closes_at = math.inf
         while len(batch) < self.batch_size and not self._stopping.is_set():
             wait = min(closes_at - loop.time(), self.batch_seconds)
             if wait <= 0:
-                break
+                if writing is None or writing.done():
+                    break
+                wait = self.WRITING_POLL_SECONDS
             try:
                 fetched = await consumer.getmany(
                     timeout_ms=round(wait * 1000), max_records=self.batch_size - len(batch)
@@ -152,7 +167,8 @@ class Projector:
             for messages in fetched.values():
                 batch.extend(messages)
             if not batch:
-                await self._idle_positions(consumer)
+                if writing is None or writing.done():
+                    await self._idle_positions(consumer)
             elif closes_at == math.inf:
                 closes_at = loop.time() + self.batch_seconds
         return batch
@@ -182,6 +198,10 @@ class Projector:
             # The partitions moved meanwhile: their new owner gets the batch again, and the
             # projection drops what it already holds.
             log.info("projector offsets not committed (%s); the batch is delivered again", exc)
+
+    async def _project(self, consumer: AIOKafkaConsumer, batch: Sequence[Message]) -> None:
+        if await self.write(batch):
+            await self._commit(consumer, batch)
 
     async def write(self, messages: Sequence[Message]) -> bool:
         """Project a batch of messages, skipping undecodable ones; False if it was not written
