@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.insert import InsertContext
 
 from projections.schema import EVENTS, NODE_ATTEMPTS, RUNS
 from schemas.envelope import Envelope
@@ -131,6 +132,7 @@ class Projection:
         self.attempts_table = NODE_ATTEMPTS + suffix
         self._runs: OrderedDict[str, RunState] = OrderedDict()
         self._cache_size = cache_size
+        self._insert_contexts: dict[str, InsertContext] = {}
         self.duplicates = 0
 
     def write(self, envelopes: Sequence[Envelope]) -> int:
@@ -162,8 +164,10 @@ class Projection:
         return len(events)
 
     def forget(self) -> None:
-        """Drop every cached run (another writer may have changed the tables)."""
+        """Drop every cached run (another writer may have changed the tables), and what it knows
+        of the tables (a rebuild swapped them)."""
         self._runs.clear()
+        self._insert_contexts.clear()
 
     # ---- run states --------------------------------------------------------
 
@@ -236,8 +240,15 @@ class Projection:
             runs.popitem(last=False)
 
     def _insert(self, table: str, rows: list[list[Any]], columns: tuple[str, ...]) -> None:
-        if rows:
-            self.client.insert(table, rows, column_names=columns)
+        if not rows:
+            return
+        # A context per table keeps its column types, which the client would otherwise ask the
+        # server for on every insert (one more round trip per table per batch).
+        context = self._insert_contexts.get(table)
+        if context is None:
+            context = self.client.create_insert_context(table, list(columns))
+            self._insert_contexts[table] = context
+        self.client.insert(data=rows, context=context)
 
 
 def _apply(state: RunState, envelope: Envelope, attempts: dict[tuple[str, str, int], list[Any]]) -> list[Any]:
