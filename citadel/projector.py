@@ -54,9 +54,8 @@ async def running_projector(
         batch_size=settings.projector_batch,
         batch_seconds=settings.projector_batch_seconds,
     )
-    consumer = group_consumer(
-        kafka, settings.projector_group, kafka.topic(RUN_EVENTS), max_poll_records=settings.projector_batch
-    )
+    consumer = group_consumer(kafka, settings.projector_group, max_poll_records=settings.projector_batch)
+    consumer.subscribe([kafka.topic(RUN_EVENTS)], listener=projector.rebalance_listener())
     # The embedded broker answers a waiting fetch only when the wait is over: short while
     # batches come, growing with a lull (streams/kafka.py).
     tuner = FetchTuner(kafka)

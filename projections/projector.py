@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from projections.projection import Projection
@@ -113,6 +113,17 @@ class Projector:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._writing = asyncio.Lock()
+
+    def rebalance_listener(self) -> ConsumerRebalanceListener:
+        """For the consumer's `subscribe`: what the projector caches of runs is dropped whenever
+        partitions are assigned. A partition that went to another projector and came back holds
+        runs that one has changed since; their cached states would write stale `runs` and
+        `node_attempts` rows, so they are read again from the tables."""
+        return _ForgetOnAssignment(self)
+
+    async def forget(self) -> None:
+        """Drop the cached run states, after any write in progress (the one IO thread)."""
+        await asyncio.get_running_loop().run_in_executor(self._io, self.projection.forget)
 
     def start(self, consumer: AIOKafkaConsumer) -> None:
         """Project what `consumer` fetches until `stop()`. It is started, subscribed to the run
@@ -296,3 +307,14 @@ class Projector:
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
+
+
+class _ForgetOnAssignment(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, projector: Projector) -> None:
+        self.projector = projector
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Nothing to do: a batch whose commit fails now is delivered again and deduplicated."""
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.projector.forget()
