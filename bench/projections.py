@@ -221,16 +221,17 @@ async def lag(runs: int = 10_000, progress: Callable[[int, int], None] | None = 
 
         stack.projector.projector.on_written.append(written)
 
-    result = await throughput(runs=runs, progress=progress, observe=watch)
+    result = await throughput(runs=runs, progress=progress, observe=watch, record=False)
     figures = {
         "events": len(samples),
         "commit_to_visible_seconds": summary(samples),
         "runs_per_second": result["figures"]["runs_per_second"],
+        "throughput": result["figures"],
     }
     path = write(
         "lag",
         {
-            "workload": f"throughput, {runs} runs (see throughput.json of the same run)",
+            "workload": f"throughput's workload, {runs} runs submitted at once (its figures: `throughput`)",
             "measured": "event timestamp (commit) -> projector insert returned (row visible)",
             "projector_batch": 5000,
             "projector_batch_ms": 200,

@@ -250,8 +250,10 @@ async def throughput(
     runs: int = 10_000,
     progress: Callable[[int, int], None] | None = None,
     observe: Callable[[Stack], None] | None = None,
+    record: bool = True,
 ) -> dict[str, Any]:
-    """With `observe`, it is called with the started stack (the `lag` benchmark watches its projector)."""
+    """With `observe`, it is called with the started stack (the `lag` benchmark watches its projector);
+    with `record` False, no result file is written (`lag` writes its own, with these figures)."""
     definition = five_node_definition()
     peak_rss_kb = 0
     async with _embedded_stack() as stack:
@@ -315,6 +317,8 @@ async def throughput(
         "run_latency_seconds": summary(latencies),
         "peak_rss_mb": peak_rss_kb / 1024,
     }
+    if not record:
+        return {"figures": figures, "path": None}
     path = write(
         "throughput",
         {
