@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal as signals
@@ -39,6 +40,8 @@ from schemas.definition import DefinitionInvalid, definition_json_schema, parse_
 from schemas.envelope import Envelope, command_json_schema
 from streams.kafka import KafkaSettings, send_command
 from streams.watch import CommandRejected
+
+log = logging.getLogger("citadel.cli")
 
 app = typer.Typer(
     help="Citadel: an event-sourced workflow automation engine.\n\n"
@@ -324,9 +327,30 @@ def up() -> None:
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    projector: Annotated[
+        bool | None,
+        typer.Option(
+            "--projector/--no-projector",
+            help="run a projector in this process too; default: when CITADEL_CLICKHOUSE is set "
+            "(with --no-projector, run `citadel projector` processes instead)",
+        ),
+    ] = None,
+) -> None:
     """Run a production worker against CITADEL_KAFKA and CITADEL_EVENT_STORE."""
-    _serve_in_production("worker", lambda settings: _serve(settings, announce_self=False))
+    _serve_in_production("worker", lambda settings: _serve(settings, announce_self=False, project=projector))
+
+
+@app.command("projector")
+def projector_command() -> None:
+    """Run the projector in a process of its own: run events from CITADEL_KAFKA into
+    CITADEL_CLICKHOUSE (chDB under CITADEL_HOME when unset).
+
+    Projectors in one group (CITADEL_PROJECTOR_GROUP) share the partitions of citadel.run-events;
+    each writes a batch, then commits it, so a projector killed at any point loses nothing and
+    a restarted one duplicates nothing. Ctrl-C or SIGTERM stops it after its batch in hand.
+    """
+    _serve_in_production("projector", _serve_projector)
 
 
 @app.command("gateway")
@@ -343,9 +367,14 @@ def _serve_in_production(command: str, serve: Callable[[Settings], Coroutine[Any
     """A production process: it needs the workers' broker and store; logs and traces as set."""
     settings = Settings.from_env()
     if settings.embedded:
+        usually = (
+            "CITADEL_CLICKHOUSE=http://..."
+            if command == "projector"
+            else "CITADEL_EVENT_STORE=postgresql://..."
+        )
         err.print(
             f"[red]citadel {command} needs CITADEL_KAFKA (bootstrap servers) and usually "
-            "CITADEL_EVENT_STORE=postgresql://...; for a local engine use `citadel up`[/red]"
+            f"{usually}; for a local engine use `citadel up`[/red]"
         )
         raise typer.Exit(EXIT_INVALID)
     setup_logging(settings, serving=True)
@@ -365,6 +394,36 @@ async def _serve_gateway(settings: Settings) -> None:
         await stop.wait()
 
 
+async def _serve_projector(settings: Settings) -> None:
+    from citadel.projector import running_projector
+    from streams.kafka import RUN_EVENTS, ensure_topics
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signals.SIGINT, signals.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    assert settings.kafka is not None
+    kafka = kafka_settings(settings, settings.kafka)
+    await ensure_topics(kafka, (RUN_EVENTS,))
+    async with running_projector(settings, kafka) as running:
+        out.print(
+            f"[green]Citadel projector is up[/green]: {kafka.topic(RUN_EVENTS)} → "
+            f"{_redact(settings.clickhouse_url)} (group {settings.projector_group})",
+            soft_wrap=True,
+        )
+        metrics = running.projector.metrics
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 30)
+            log.info(
+                "projector: %d events written, %d duplicates dropped, %d messages behind",
+                metrics.events,
+                metrics.duplicates,
+                metrics.lag_messages,
+            )
+        out.print("stopping…")
+
+
 def _span_exporter(settings: Settings) -> SpanExporter | None:
     try:
         return span_exporter(settings.traces)
@@ -373,7 +432,7 @@ def _span_exporter(settings: Settings) -> SpanExporter | None:
         raise typer.Exit(EXIT_INVALID) from None
 
 
-async def _serve(settings: Settings, announce_self: bool) -> None:
+async def _serve(settings: Settings, announce_self: bool, project: bool | None = None) -> None:
     from citadel.gateway import running_gateway  # FastAPI and Strawberry: only for a serving process
 
     stop = asyncio.Event()
@@ -381,7 +440,7 @@ async def _serve(settings: Settings, announce_self: bool) -> None:
     for sig in (signals.SIGINT, signals.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     with err.status("starting the engine…") if err.is_terminal else contextlib.nullcontext():
-        stack_cm = running_stack(settings, keep_broker=announce_self)
+        stack_cm = running_stack(settings, keep_broker=announce_self, project=project)
         stack = await stack_cm.__aenter__()
     try:
         async with contextlib.AsyncExitStack() as serving:

@@ -6,12 +6,10 @@ started twice by the messages it had taken but not yet committed."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import secrets
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -24,6 +22,7 @@ from schemas.definition import parse_definition
 from streams.kafka import KafkaSettings, ensure_topics
 from tests.conftest import kafka_for
 from tests.e2e.kafka_tools import committed, dead_letters, wait_committed
+from tests.e2e.processes import log_of, start_citadel
 from tests.streams.test_triggers import (
     order,
     orders,
@@ -37,16 +36,6 @@ pytestmark = pytest.mark.timeout(420)
 
 MATCHING = 1000
 WORKFLOW = "acme.killed"
-
-
-def start_worker(home: Path, env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
-    log = open(home / f"{name}.log", "wb")  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, "-m", "citadel.cli", "worker"],
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
 
 
 async def kill_mid_batch(
@@ -79,10 +68,6 @@ async def publish_slowly(kafka: KafkaSettings, topic: str, messages: list[tuple[
     for at in range(0, len(messages), 10):
         await publish(kafka, topic, messages[at : at + 10])
         await asyncio.sleep(0.2)
-
-
-def worker_log(home: Path, name: str) -> str:
-    return (home / f"{name}.log").read_text(errors="replace")[-3000:]
 
 
 async def test_a_killed_workers_trigger_messages_start_exactly_one_run_each(
@@ -123,14 +108,14 @@ async def test_a_killed_workers_trigger_messages_start_exactly_one_run_each(
     matching = {f"M-{n}" for n in range(len(messages)) if n % 24 not in (5, 9, 13, 17)}
     assert len(matching) == MATCHING
 
-    first = start_worker(tmp_path, env, "first")
+    first = start_citadel("worker", tmp_path, env, "first")
     second: subprocess.Popen[bytes] | None = None
     try:
         # The worker takes the topic up once it has read the deployment; the rest of the messages
         # trickle in while it works, so that it is caught in the middle of a batch.
         await publish(kafka, topic, messages[:100])
         await wait_committed(kafka, f"{group}-triggers", topic, 100, timeout=180)
-        assert first.poll() is None, worker_log(tmp_path, "first")
+        assert first.poll() is None, log_of(tmp_path, "first")
         trickle = asyncio.create_task(publish_slowly(kafka, topic, messages[100:]))
         done, published = await kill_mid_batch(first, kafka, f"{group}-triggers", topic, trickle)
         killed_at = time.monotonic()
@@ -138,9 +123,9 @@ async def test_a_killed_workers_trigger_messages_start_exactly_one_run_each(
         await trickle
         end = len(messages)
 
-        second = start_worker(tmp_path, env, "second")
+        second = start_citadel("worker", tmp_path, env, "second")
         await wait_committed(kafka, f"{group}-triggers", topic, end, timeout=240)
-        assert second.poll() is None, worker_log(tmp_path, "second")
+        assert second.poll() is None, log_of(tmp_path, "second")
         runs = await started_runs(kafka, WORKFLOW, MATCHING)
         print(f"the second worker finished the topic {time.monotonic() - killed_at:.1f} s after the kill")
     finally:
