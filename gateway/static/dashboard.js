@@ -253,8 +253,15 @@ function watchAllRuns() {
 
 // ---- one run ---------------------------------------------------------------
 
+// A run is chosen by a click or by the link: #run=ID (shareable; the token is not in it).
+function linkedRun() {
+  const match = /^#run=([0-9a-fA-F-]{1,64})$/.exec(location.hash);
+  return match ? match[1] : null;
+}
+
 function chooseRun(runId) {
   chosenRun = runId;
+  if (linkedRun() !== runId) history.replaceState(null, "", `${location.pathname}#run=${runId}`);
   for (const row of document.querySelectorAll("tr.run")) row.classList.toggle("chosen", row.dataset.run === runId);
   if (runWatch) live.unsubscribe(runWatch);
   let seen = 0;
@@ -295,12 +302,26 @@ function renderRun(run) {
     ...run.nodes.map((node) => {
       const attempts = attemptsOf.get(node.id) || [];
       const spent = attempts.reduce((total, a) => total + (a.durationMs || 0), 0);
-      const detail = node.error
-        ? element("pre", { class: "error" }, `${node.errorClass || "Error"}: ${node.error}`)
-        : node.output !== null && node.output !== undefined
-          ? element("pre", {}, JSON.stringify(node.output, null, 2))
-          : "";
-      const retries = attempts.filter((a) => a.status === "failed").map((a) => `attempt ${a.attempt}: ${a.errorClass}`);
+      // A node that got through shows its output; its failed attempts before that, folded.
+      const ended = node.status === "succeeded" || node.status === "skipped" || node.status === "reused";
+      const failed = attempts.filter((a) => a.status === "failed");
+      const retries = failed.map((a) => `attempt ${a.attempt}: ${a.errorClass}`);
+      const detail = [];
+      if (node.error && !ended) {
+        detail.push(element("pre", { class: "error" }, `${node.errorClass || "Error"}: ${node.error}`));
+      } else if (node.output !== null && node.output !== undefined) {
+        detail.push(element("pre", {}, JSON.stringify(node.output, null, 2)));
+      }
+      if (ended && failed.length) {
+        detail.push(
+          element(
+            "details",
+            { class: "retries" },
+            element("summary", {}, `after ${failed.length} failed attempt${failed.length > 1 ? "s" : ""}`),
+            element("pre", { class: "error" }, failed.map((a) => `#${a.attempt} ${a.errorClass}: ${a.message || ""}`).join("\n")),
+          ),
+        );
+      }
       return element(
         "tr",
         {},
@@ -308,7 +329,7 @@ function renderRun(run) {
         element("td", {}, badge(node.status)),
         element("td", { class: "num", title: retries.join("\n") }, String(attempts.length || node.attempt)),
         element("td", { class: "num" }, attempts.length ? duration(spent) : ""),
-        element("td", {}, detail),
+        element("td", {}, ...detail),
       );
     }),
   );
@@ -326,9 +347,12 @@ function svg(tag, attributes = {}, text) {
   return node;
 }
 
-// Bars for labelled values; each series is [values, class]. Empty data says so.
+// Bars for labelled values; each series is [values, class]. Empty data says so. A label is a
+// string or [line, line]; each line is cut to the width of its bar's slot, and labels that
+// would overlap are thinned out.
 function barChart(container, labels, series, format) {
-  const width = 480, height = 180, left = 44, bottom = 28, top = 8;
+  const twoLines = labels.some(Array.isArray);
+  const width = 480, height = twoLines ? 190 : 180, left = 44, bottom = twoLines ? 38 : 28, top = 8;
   const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img" });
   if (!labels.length) {
     chart.append(svg("text", { x: width / 2, y: height / 2, "text-anchor": "middle", class: "empty" }, "no data yet"));
@@ -339,22 +363,46 @@ function barChart(container, labels, series, format) {
   const slot = (width - left) / labels.length;
   const bar = Math.max(1, (slot * 0.8) / series.length);
   const y = (value) => top + (height - top - bottom) * (1 - value / max);
+  const charWidth = 6.2; // at the charts' 11px type
+  const lines = (label) => (Array.isArray(label) ? label : [label]).map(String);
+  const longest = Math.max(...labels.map((label) => Math.max(...lines(label).map((line) => line.length))));
+  // Show every label whose text fits its slot; else one in `every`, with that much room.
+  const every = Math.max(1, Math.min(Math.ceil(labels.length / 8), Math.ceil((longest * charWidth + 6) / slot)));
+  const room = Math.max(3, Math.floor((slot * every - 6) / charWidth));
+  const cut = (line) => (line.length > room ? `${line.slice(0, room - 1)}…` : line);
   chart.append(svg("line", { x1: left, x2: width, y1: height - bottom, y2: height - bottom, class: "axis" }));
   chart.append(svg("text", { x: left - 4, y: top + 8, "text-anchor": "end" }, format(max)));
   chart.append(svg("text", { x: left - 4, y: height - bottom, "text-anchor": "end" }, format(0)));
   labels.forEach((label, i) => {
+    const name = lines(label).join(" · ");
     series.forEach(([values, kind], j) => {
       const x = left + i * slot + slot * 0.1 + j * bar;
       const rect = svg("rect", { x, y: y(values[i]), width: bar, height: height - bottom - y(values[i]), class: `bar ${kind}` });
-      rect.append(svg("title", {}, `${label}: ${format(values[i])}`));
+      rect.append(svg("title", {}, `${name}: ${format(values[i])}`));
       chart.append(rect);
     });
-    const every = Math.ceil(labels.length / 8);
     if (i % every === 0) {
-      chart.append(svg("text", { x: left + i * slot + slot / 2, y: height - bottom + 14, "text-anchor": "middle" }, label));
+      const text = svg("text", { x: left + i * slot + slot / 2, y: height - bottom + 14, "text-anchor": "middle" });
+      text.append(svg("title", {}, name));
+      lines(label).forEach((line, n) => {
+        text.append(svg("tspan", { x: left + i * slot + slot / 2, dy: n ? 12 : 0 }, cut(line)));
+      });
+      chart.append(text);
     }
   });
   container.replaceChildren(chart);
+}
+
+// Failure rates come per workflow and node type; the chart shows them per node type.
+function byNodeType(rows) {
+  const types = new Map();
+  for (const row of rows) {
+    const [executions, failures] = types.get(row.node_type) || [0, 0];
+    types.set(row.node_type, [executions + row.executions, failures + row.failures]);
+  }
+  return [...types]
+    .map(([type, [executions, failures]]) => ({ type, rate: executions ? failures / executions : 0 }))
+    .sort((a, b) => b.rate - a.rate || a.type.localeCompare(b.type));
 }
 
 async function loadMetrics() {
@@ -372,11 +420,11 @@ async function loadMetrics() {
       [minutes.map((m) => perMinute.get(m)[0]), ""],
       [minutes.map((m) => perMinute.get(m)[1]), "failed"],
     ], (v) => String(Math.round(v)));
-    const types = metrics.nodeTypeFailureRates;
-    barChart($("chart-failures"), types.map((r) => r.node_type), [[types.map((r) => r.failure_rate * 100), "failed"]],
+    const types = byNodeType(metrics.nodeTypeFailureRates);
+    barChart($("chart-failures"), types.map((r) => r.type), [[types.map((r) => r.rate * 100), "failed"]],
       (v) => `${v.toFixed(v < 10 ? 1 : 0)}%`);
     const durations = metrics.nodeDurations;
-    barChart($("chart-durations"), durations.map((r) => `${r.workflow} · ${r.node_type}`), [
+    barChart($("chart-durations"), durations.map((r) => [r.node_type, r.workflow]), [
       [durations.map((r) => r.p50_ms), ""],
       [durations.map((r) => r.p99_ms), "p99"],
     ], (v) => duration(v));
@@ -421,12 +469,13 @@ async function signIn(candidate) {
   watchAllRuns();
   loadRuns();
   loadMetrics();
+  if (linkedRun()) chooseRun(linkedRun());
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   // A token in the link is taken once, then kept out of the address bar and the history.
   const fromLink = new URLSearchParams(location.search).get("token");
-  if (fromLink) history.replaceState(null, "", location.pathname);
+  if (fromLink) history.replaceState(null, "", location.pathname + location.hash);
   $("token-form").onsubmit = (event) => {
     event.preventDefault();
     signIn($("token").value.trim());
@@ -434,6 +483,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("signout").onclick = () => signOut();
   $("more").onclick = () => loadRuns(true);
   $("refresh-metrics").onclick = loadMetrics;
+  window.addEventListener("hashchange", () => {
+    if (live && linkedRun() && linkedRun() !== chosenRun) chooseRun(linkedRun());
+  });
   const known = fromLink || localStorage.getItem("citadel.token");
   if (known) signIn(known);
   else signOut();
