@@ -3,9 +3,11 @@ sends is valid against the real schema and answers for a real run, so the page c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,27 @@ async def test_the_page_subscriptions_stream_a_real_runs_events(gateway: Gateway
             first = message["data"]["allRunEvents"]
             break
     assert first is not None and {"runId", "version", "type", "time"} <= set(first)
+
+
+async def test_a_browser_shows_the_run_its_nodes_and_the_charts(gateway: Gateway, finished_run: str) -> None:
+    """The page in headless Chromium, linked to a run: what a person sees, as the DOM it built."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here (.ci/run installs it)")
+    url = f"{gateway.running.url}/?token={gateway.token()}#run={finished_run}"
+    process = await asyncio.create_subprocess_exec(
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+        "--dump-dom", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    dom, _ = await asyncio.wait_for(process.communicate(), 120)
+    page = dom.decode()
+    # Signed in with the link's token, live, the run chosen from the link and shown with its nodes.
+    assert "tester · acme · admin" in page
+    assert f"linear v1 · {finished_run}" in page
+    rows = re.findall(r'<span class="mono">(\w+)</span></td><td><span class="status \w+">(\w+)<', page)
+    assert ("double", "succeeded") in rows and ("square", "succeeded") in rows
+    assert '"result": 64' in page
+    # The run list has it, and the charts drew bars (the run's minute, its node types).
+    assert finished_run[:8] in page
+    assert page.count('class="bar') >= 3
