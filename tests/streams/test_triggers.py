@@ -8,6 +8,7 @@ offset only once the broker has every StartRun and dead letter it caused.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,3 +290,35 @@ async def test_a_thousand_messages_start_exactly_their_runs_across_a_restart_and
     letters = [letter for letter in await dead_letters(kafka, 100) if letter["topic"] == topic]
     assert len(letters) >= 100 and {letter["offset"] for letter in letters} == set(range(7, 1000, 20))
     assert second.settings.group == first.settings.group == third.settings.group
+
+
+async def test_deploying_a_new_version_while_messages_flow_loses_and_doubles_nothing(engine: Engine) -> None:
+    """Messages keep coming while version 2 is deployed: each starts exactly one run, of the
+    version in force when its turn came, and the versions follow the topic's order."""
+    kafka = engine.settings.kafka
+    topic = await user_topic(kafka)
+    await deploy(engine, orders("acme.flowing", topic))
+    count = 300
+    messages = [order(f"F-{n:03}", 20.0) for n in range(count)]
+    await wait_committed(kafka, engine.triggers.group, topic, await publish(kafka, topic, messages[:100]))
+
+    async def flow() -> int:
+        end = 0
+        for at in range(100, count, 10):
+            end = await publish(kafka, topic, messages[at : at + 10])
+            await asyncio.sleep(0.2)
+        return end
+
+    flowing = asyncio.create_task(flow())
+    await asyncio.sleep(0.5)
+    await deploy(engine, orders("acme.flowing", topic, version=2, via="v2"))
+    end = await flowing
+    await wait_committed(kafka, engine.triggers.group, topic, end)
+
+    runs = await started_runs(kafka, "acme.flowing", count)
+    starts = await triggered_starts(kafka, "acme.flowing")
+    assert len(runs) == count == len({s.run_id for s in starts})
+    by_order = sorted(runs.values(), key=lambda r: r.payload["input"]["order"])
+    versions = [r.payload["workflow_version"] for r in by_order]
+    assert versions == sorted(versions) and versions[:100] == [1] * 100 and versions[-1] == 2, versions
+    assert {r.payload["input"]["via"] for r in by_order if r.payload["workflow_version"] == 2} == {"v2"}
