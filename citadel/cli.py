@@ -34,7 +34,14 @@ from rich.table import Table
 
 from citadel.runs import RunReport, follow, start_command
 from citadel.settings import Settings
-from citadel.stack import announce, kafka_settings, running_engine, running_stack, withdraw
+from citadel.stack import (
+    announce,
+    kafka_settings,
+    running_engine,
+    running_gateway_url,
+    running_stack,
+    withdraw,
+)
 from citadel.telemetry import exporting_traces, setup_logging, span_exporter
 from schemas.definition import DefinitionInvalid, definition_json_schema, parse_definition
 from schemas.envelope import Envelope, command_json_schema
@@ -181,6 +188,9 @@ async def _run(settings: Settings, command: Envelope) -> RunReport:
     kafka = running_engine(settings)
     if kafka is not None:
         await _send_command(kafka, command)
+        gateway = running_gateway_url(settings)
+        if gateway is not None:
+            err.print(f"watch it live: {gateway}/#run={command.run_id}", soft_wrap=True)
         return await _follow_with_progress(kafka, command)
     with err.status("starting the embedded engine…"):
         stack_cm = running_stack(settings)
@@ -450,7 +460,7 @@ async def _serve(settings: Settings, announce_self: bool, project: bool | None =
                     running_gateway(settings, stack.engine, stack.projector)
                 )
             if announce_self:
-                announce(stack)
+                announce(stack, gateway.url if gateway is not None else None)
 
             # The banner is the command's output, on stdout: stderr carries only log lines.
             def banner(line: str) -> None:

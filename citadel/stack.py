@@ -155,13 +155,14 @@ def engine_file(settings: Settings) -> Path:
     return settings.home / "engine.json"
 
 
-def announce(stack: Stack) -> None:
+def announce(stack: Stack, gateway_url: str | None = None) -> None:
     info = {
         "pid": os.getpid(),
         "bootstrap": stack.kafka.bootstrap,
         "partitions": stack.kafka.partitions,
         "namespace": stack.kafka.namespace,
         "event_store": stack.settings.event_store,
+        "gateway": gateway_url,
     }
     _write_atomically(engine_file(stack.settings), json.dumps(info))
 
@@ -180,9 +181,30 @@ def withdraw(settings: Settings) -> None:
 
 def running_engine(settings: Settings) -> KafkaSettings | None:
     """Where a live `citadel up` for this home listens, if there is one."""
+    info = _running_engine_info(settings)
+    if info is None:
+        return None
+    # Its partitions and topic prefix, whatever this process's own settings say.
+    announced = settings.model_copy(
+        update={
+            "partitions": int(info.get("partitions", settings.partitions)),
+            "namespace": str(info.get("namespace", settings.namespace)),
+        }
+    )
+    return kafka_settings(announced, info["bootstrap"])
+
+
+def running_gateway_url(settings: Settings) -> str | None:
+    """The gateway of a live `citadel up` for this home, if it serves one."""
+    info = _running_engine_info(settings)
+    url = None if info is None else info.get("gateway")
+    return url if isinstance(url, str) else None
+
+
+def _running_engine_info(settings: Settings) -> dict[str, Any] | None:
     try:
         info: dict[str, Any] = json.loads(engine_file(settings).read_text())
         os.kill(int(info["pid"]), 0)
     except (FileNotFoundError, ValueError, KeyError, ProcessLookupError, PermissionError):
         return None
-    return kafka_settings(settings, info["bootstrap"])
+    return info if "bootstrap" in info else None

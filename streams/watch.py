@@ -40,8 +40,6 @@ async def watch_run(
     With `command_id`, a dead letter for that command raises CommandRejected with its reason.
     """
     key = run_id.encode()
-    partitions = list(range(kafka.partitions))
-    partition = DefaultPartitioner()(key, partitions, partitions)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=kafka.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
     )
@@ -53,6 +51,12 @@ async def watch_run(
     await consumer.start()
     tuning = asyncio.create_task(tuner.run())
     try:
+        # The run's partition among the topic's partitions as the broker has them (the producer
+        # chose it so), whatever count these settings assume.
+        await consumer.topics()  # fetches the cluster's metadata
+        found = consumer.partitions_for_topic(kafka.topic(RUN_EVENTS))
+        partitions = sorted(found) if found else list(range(kafka.partitions))
+        partition = DefaultPartitioner()(key, partitions, partitions)
         events = TopicPartition(kafka.topic(RUN_EVENTS), partition)
         dead = TopicPartition(kafka.topic(DEAD_LETTERS), partition)
         consumer.assign([events, dead])

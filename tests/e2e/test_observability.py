@@ -4,6 +4,7 @@ or GraphQL answer, and a run's trace holds one span per node attempt under the r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -29,6 +30,7 @@ from gateway.backend import Backend
 from streams.engine import Engine
 from streams.history import run_history
 from streams.tracing import run_span_id, run_trace_id
+from tests.conftest import EXAMPLES
 from tests.gateway.conftest import Gateway
 from tests.streams.test_tracing import FLAKY_CHAIN
 
@@ -251,3 +253,21 @@ def test_the_banner_on_stdout_links_the_dashboard_with_the_development_token(up:
     assert link is not None, banner
     assert f"Authorization: Bearer {link[2]}" in banner
     assert link[2] not in up.stderr.read_text()
+
+
+async def test_citadel_run_beside_citadel_up_links_the_run_on_the_dashboard(up: Up, client: Gateway) -> None:
+    env = {**os.environ, "CITADEL_HOME": str(up.home), "CITADEL_LOG_FORMAT": "text"}
+    for name in ("CITADEL_EVENT_STORE", "CITADEL_CLICKHOUSE"):
+        env.pop(name, None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "citadel.cli", "run", str(EXAMPLES / "linear.yaml"), "--input", '{"n": 2}',
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, err.decode()
+    link = re.search(rf"watch it live: {re.escape(up.url)}/#run=([0-9a-f-]{{36}})", err.decode())
+    assert link is not None, err.decode()
+    query = "query($r: String!) { run(id: $r) { status } }"
+    # `citadel run` starts runs of the tenant `default`.
+    answer = await client.graphql(query, {"r": link[1]}, token=client.token("default"))
+    assert answer["data"]["run"]["status"] == "completed", answer
