@@ -38,7 +38,6 @@ from citadel.stack import (
     announce,
     kafka_settings,
     running_engine,
-    running_gateway_url,
     running_stack,
     withdraw,
 )
@@ -185,13 +184,12 @@ def _run_and_report(command: Envelope, what: str, timeout: float, json_output: b
 
 
 async def _run(settings: Settings, command: Envelope) -> RunReport:
-    kafka = running_engine(settings)
-    if kafka is not None:
-        await _send_command(kafka, command)
-        gateway = running_gateway_url(settings)
-        if gateway is not None:
-            err.print(f"watch it live: {gateway}/#run={command.run_id}", soft_wrap=True)
-        return await _follow_with_progress(kafka, command)
+    engine = running_engine(settings)
+    if engine is not None:
+        await _send_command(engine.kafka, command)
+        if engine.gateway is not None:
+            err.print(f"watch it live: {engine.gateway}/#run={command.run_id}", soft_wrap=True)
+        return await _follow_with_progress(engine.kafka, command)
     with err.status("starting the embedded engine…"):
         stack_cm = running_stack(settings)
         stack = await stack_cm.__aenter__()
@@ -310,7 +308,11 @@ def cancel(
 
 def _publish(command: Envelope) -> None:
     settings = Settings.from_env()
-    kafka = running_engine(settings) if settings.embedded else kafka_settings(settings, settings.kafka or "")
+    if settings.embedded:
+        engine = running_engine(settings)
+        kafka = None if engine is None else engine.kafka
+    else:
+        kafka = kafka_settings(settings, settings.kafka or "")
     if kafka is None:
         err.print(f"[red]no running engine: start one with `citadel up` (home {settings.home})[/red]")
         raise typer.Exit(EXIT_INVALID)

@@ -179,10 +179,21 @@ def withdraw(settings: Settings) -> None:
         engine_file(settings).unlink()
 
 
-def running_engine(settings: Settings) -> KafkaSettings | None:
-    """Where a live `citadel up` for this home listens, if there is one."""
-    info = _running_engine_info(settings)
-    if info is None:
+@dataclass(frozen=True)
+class RunningEngine:
+    """A live `citadel up` for this home: its broker and topics, and its gateway if it serves one."""
+
+    kafka: KafkaSettings
+    gateway: str | None
+
+
+def running_engine(settings: Settings) -> RunningEngine | None:
+    """Where a live `citadel up` for this home listens, if there is one (from its engine file)."""
+    try:
+        info: dict[str, Any] = json.loads(engine_file(settings).read_text())
+        os.kill(int(info["pid"]), 0)
+        bootstrap = str(info["bootstrap"])
+    except (FileNotFoundError, ValueError, KeyError, ProcessLookupError, PermissionError):
         return None
     # Its partitions and topic prefix, whatever this process's own settings say.
     announced = settings.model_copy(
@@ -191,20 +202,5 @@ def running_engine(settings: Settings) -> KafkaSettings | None:
             "namespace": str(info.get("namespace", settings.namespace)),
         }
     )
-    return kafka_settings(announced, info["bootstrap"])
-
-
-def running_gateway_url(settings: Settings) -> str | None:
-    """The gateway of a live `citadel up` for this home, if it serves one."""
-    info = _running_engine_info(settings)
-    url = None if info is None else info.get("gateway")
-    return url if isinstance(url, str) else None
-
-
-def _running_engine_info(settings: Settings) -> dict[str, Any] | None:
-    try:
-        info: dict[str, Any] = json.loads(engine_file(settings).read_text())
-        os.kill(int(info["pid"]), 0)
-    except (FileNotFoundError, ValueError, KeyError, ProcessLookupError, PermissionError):
-        return None
-    return info if "bootstrap" in info else None
+    gateway = info.get("gateway")
+    return RunningEngine(kafka_settings(announced, bootstrap), gateway if isinstance(gateway, str) else None)
