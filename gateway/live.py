@@ -25,7 +25,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.envelope import Envelope, EnvelopeError, decode
-from streams.kafka import DEAD_LETTERS, RUN_EVENTS, KafkaSettings
+from streams.kafka import DEAD_LETTERS, RUN_EVENTS, KafkaSettings, broker_partitions
 from streams.watch import rejected_command
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ class KafkaTail:
             partitions = [
                 TopicPartition(self.kafka.topic(topic), p)
                 for topic in (RUN_EVENTS, DEAD_LETTERS)
-                for p in range(self.kafka.partitions)
+                for p in await broker_partitions(consumer, self.kafka, topic)
             ]
             consumer.assign(partitions)
             await consumer.seek_to_end(*partitions)

@@ -180,6 +180,15 @@ def group_consumer(settings: KafkaSettings, group: str, *topics: str, **options:
     )
 
 
+async def broker_partitions(consumer: AIOKafkaConsumer, settings: KafkaSettings, topic: str) -> list[int]:
+    """The partitions of one of the engine's topics as the broker has them (producers chose a
+    message's partition among these), whatever count `settings` assume; those assumed while
+    the broker does not know the topic yet. `consumer` is started."""
+    await consumer.topics()  # fetches the cluster's metadata
+    found = consumer.partitions_for_topic(settings.topic(topic))
+    return sorted(found) if found else list(range(settings.partitions))
+
+
 async def ensure_topics(settings: KafkaSettings, topics: tuple[str, ...] = TOPICS) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
     await admin.start()

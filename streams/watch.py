@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.envelope import Envelope, EnvelopeError, decode
-from streams.kafka import COMMANDS, DEAD_LETTERS, RUN_EVENTS, FetchTuner, KafkaSettings
+from streams.kafka import COMMANDS, DEAD_LETTERS, RUN_EVENTS, FetchTuner, KafkaSettings, broker_partitions
 
 TERMINAL = frozenset({"Completed", "Failed", "Cancelled"})
 
@@ -51,11 +51,7 @@ async def watch_run(
     await consumer.start()
     tuning = asyncio.create_task(tuner.run())
     try:
-        # The run's partition among the topic's partitions as the broker has them (the producer
-        # chose it so), whatever count these settings assume.
-        await consumer.topics()  # fetches the cluster's metadata
-        found = consumer.partitions_for_topic(kafka.topic(RUN_EVENTS))
-        partitions = sorted(found) if found else list(range(kafka.partitions))
+        partitions = await broker_partitions(consumer, kafka, RUN_EVENTS)
         partition = DefaultPartitioner()(key, partitions, partitions)
         events = TopicPartition(kafka.topic(RUN_EVENTS), partition)
         dead = TopicPartition(kafka.topic(DEAD_LETTERS), partition)
