@@ -270,7 +270,7 @@ class Projector:
             try:
                 return await loop.run_in_executor(self._io, rebuild, self.projection.client, history)
             finally:
-                self.projection.forget()
+                await self.forget()
 
     def _update_highwaters(self) -> None:
         consumer = self._consumer
