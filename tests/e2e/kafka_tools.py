@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -69,39 +70,36 @@ async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
             await asyncio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def group_offsets(kafka: KafkaSettings, group: str) -> AsyncIterator[AIOKafkaConsumer]:
+    """A started consumer of `group` that never joins it: it reads and sets the group's committed
+    offsets (the admin client's OffsetFetch does not speak the embedded broker's version)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
 async def wait_committed(
     kafka: KafkaSettings, group: str, topic: str, offset: int, timeout: float = 120.0
 ) -> None:
     """Until `group` has committed at least `offset` on partition 0 of a user topic."""
-    # A consumer that never joins the group reads its commits (the admin client's OffsetFetch
-    # does not speak the embedded broker's version).
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        async with asyncio.timeout(timeout):
-            while (await consumer.committed(TopicPartition(topic, 0)) or -1) < offset:
-                await asyncio.sleep(0.1)
-    finally:
-        await consumer.stop()
+    async with group_offsets(kafka, group) as consumer, asyncio.timeout(timeout):
+        while (await consumer.committed(TopicPartition(topic, 0)) or -1) < offset:
+            await asyncio.sleep(0.1)
 
 
 async def committed(kafka: KafkaSettings, group: str, topic: str) -> int:
     """What `group` has committed on partition 0 of a user topic (-1: nothing)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
+    async with group_offsets(kafka, group) as consumer:
         return await consumer.committed(TopicPartition(topic, 0)) or -1
-    finally:
-        await consumer.stop()
 
 
 async def reset_offsets(kafka: KafkaSettings, group: str, topic: str) -> None:
     """Commit offset 0 for `group` on partition 0 of a user topic, so it reads everything again."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
+    async with group_offsets(kafka, group) as consumer:
         partition = TopicPartition(topic, 0)
         consumer.assign([partition])
         await consumer.commit({partition: 0})
-    finally:
-        await consumer.stop()

@@ -25,6 +25,7 @@ from citadel.runs import follow, start_command
 from streams.kafka import COMMANDS, RUN_EVENTS, KafkaSettings
 from streams.watch import topic_reader, watch_run
 from tests.conftest import EngineFactory
+from tests.e2e.processes import stop
 
 embedded_only = pytest.mark.skipif(
     bool(os.environ.get("CITADEL_KAFKA")), reason="kills the embedded broker of `citadel up`"
@@ -213,12 +214,8 @@ async def test_sigkill_mid_run_then_restart_completes_every_run_exactly_once(
     finally:
         stop_first.set()
         for process in (first, second):
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGINT)
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            if process is not None:
+                stop(process, signal.SIGINT, timeout=20)
         collector.cancel()
         store.close()
         broker_file = home / "broker.json"

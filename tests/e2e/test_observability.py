@@ -31,6 +31,7 @@ from streams.engine import Engine
 from streams.history import run_history
 from streams.tracing import run_span_id, run_trace_id
 from tests.conftest import EXAMPLES
+from tests.e2e.processes import stop
 from tests.gateway.conftest import Gateway
 from tests.streams.test_tracing import FLAKY_CHAIN
 
@@ -102,12 +103,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
             time.sleep(0.1)
         yield running
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, signal.SIGINT)
 
 
 @pytest.fixture(scope="module")

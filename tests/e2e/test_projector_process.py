@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from aggregates.store import RunStore
 from citadel.runs import follow, start_command
@@ -20,7 +20,8 @@ from projections.rebuild import contents, rebuild
 from streams.history import history
 from streams.kafka import RUN_EVENTS, KafkaSettings
 from tests.conftest import EngineFactory, kafka_for
-from tests.e2e.processes import log_of, start_citadel
+from tests.e2e.kafka_tools import group_offsets
+from tests.e2e.processes import cluster_env, log_of, start_citadel, stop
 from tests.e2e.test_projections import example, mixed_workload
 
 pytestmark = pytest.mark.timeout(300)
@@ -28,16 +29,12 @@ pytestmark = pytest.mark.timeout(300)
 
 async def committed_and_ends(kafka: KafkaSettings, group: str) -> tuple[int, int]:
     """The run-event offsets `group` has committed, and the topic's end offsets, summed over its
-    partitions (a consumer that never joins the group reads its commits)."""
+    partitions."""
     partitions = [TopicPartition(kafka.topic(RUN_EVENTS), p) for p in range(kafka.partitions)]
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
+    async with group_offsets(kafka, group) as consumer:
         done = sum([(await consumer.committed(tp)) or 0 for tp in partitions])
         ends = sum((await consumer.end_offsets(partitions)).values())
         return done, ends
-    finally:
-        await consumer.stop()
 
 
 async def test_a_projector_killed_mid_backlog_and_started_again_equals_a_rebuild(
@@ -48,10 +45,7 @@ async def test_a_projector_killed_mid_backlog_and_started_again_equals_a_rebuild
     group = f"p-{uuid.uuid4().hex[:8]}"
     chdb = tmp_path / "clickhouse"
     env = {
-        "CITADEL_HOME": str(tmp_path),
-        "CITADEL_KAFKA": bootstrap,
-        "CITADEL_TOPIC_PREFIX": kafka.namespace,
-        "CITADEL_PARTITIONS": str(kafka.partitions),
+        **cluster_env(kafka, tmp_path),
         "CITADEL_CLICKHOUSE": f"chdb://{chdb}",
         "CITADEL_PROJECTOR_GROUP": group,
         "CITADEL_PROJECTOR_BATCH": "25",
@@ -83,11 +77,9 @@ async def test_a_projector_killed_mid_backlog_and_started_again_equals_a_rebuild
                         assert second.poll() is None, log_of(tmp_path, "second")
                         await asyncio.sleep(0.1)
             finally:
-                second.send_signal(signal.SIGTERM)
-                assert second.wait(60) == 0, log_of(tmp_path, "second")
+                assert stop(second, timeout=60) == 0, log_of(tmp_path, "second")
         finally:
-            if first.poll() is None:
-                first.kill()
+            stop(first, signal.SIGKILL)
 
     store = RunStore(store_url)
     try:

@@ -22,9 +22,9 @@ from schemas.definition import parse_definition
 from streams.kafka import KafkaSettings, ensure_topics
 from tests.conftest import kafka_for
 from tests.e2e.kafka_tools import committed, dead_letters, wait_committed
-from tests.e2e.processes import log_of, start_citadel
+from tests.e2e.processes import cluster_env, log_of, start_citadel, stop
 from tests.streams.test_triggers import (
-    order,
+    mixed_orders,
     orders,
     publish,
     started_runs,
@@ -77,10 +77,7 @@ async def test_a_killed_workers_trigger_messages_start_exactly_one_run_each(
     group = f"g{uuid.uuid4().hex[:8]}"
     store_url = f"sqlite:///{tmp_path / 'events.db'}"
     env = {
-        "CITADEL_HOME": str(tmp_path),
-        "CITADEL_KAFKA": bootstrap,
-        "CITADEL_TOPIC_PREFIX": kafka.namespace,
-        "CITADEL_PARTITIONS": str(kafka.partitions),
+        **cluster_env(kafka, tmp_path),
         "CITADEL_GROUP": group,
         "CITADEL_EVENT_STORE": store_url,
         "CITADEL_JWT_SECRET": secrets.token_urlsafe(32),
@@ -97,15 +94,10 @@ async def test_a_killed_workers_trigger_messages_start_exactly_one_run_each(
     store.close()
 
     # 1,000 matching messages among 150 filtered out and 50 that are not JSON.
-    messages = []
-    for n in range(MATCHING + 200):
-        if n % 24 == 5:
-            messages.append((b"junk", b"{not json"))
-        elif n % 24 in (9, 13, 17):
-            messages.append(order(f"F-{n}", 1.0))
-        else:
-            messages.append(order(f"M-{n}", 10.0 + n))
-    matching = {f"M-{n}" for n in range(len(messages)) if n % 24 not in (5, 9, 13, 17)}
+    messages, orders_matching = mixed_orders(
+        MATCHING + 200, every=24, junk=5, filtered=(9, 13, 17), prefix="M-"
+    )
+    matching = set(orders_matching)
     assert len(matching) == MATCHING
 
     first = start_citadel("worker", tmp_path, env, "first")
@@ -130,12 +122,8 @@ async def test_a_killed_workers_trigger_messages_start_exactly_one_run_each(
         print(f"the second worker finished the topic {time.monotonic() - killed_at:.1f} s after the kill")
     finally:
         for process in (first, second):
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            if process is not None:
+                stop(process)
 
     starts = await triggered_starts(kafka, WORKFLOW)
     # More StartRuns than messages when the worker was caught between publishing and committing:

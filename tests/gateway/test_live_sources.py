@@ -14,6 +14,7 @@ from citadel.gateway import running_gateway, standalone_gateway
 from citadel.settings import Settings
 from streams.engine import Engine
 from tests.conftest import EngineFactory, kafka_for
+from tests.e2e.processes import cluster_env
 from tests.gateway.conftest import Gateway
 from tests.gateway.test_end_to_end import DEPLOY, START, WATCH, collect
 
@@ -109,10 +110,7 @@ async def test_a_gateway_of_its_own_process_serves_runs_beside_the_workers(
     # `citadel gateway`'s settings: the workers' broker, topics and store, keys of its own.
     settings = Settings.from_env(
         {
-            "CITADEL_HOME": str(tmp_path),
-            "CITADEL_KAFKA": bootstrap,
-            "CITADEL_TOPIC_PREFIX": kafka.namespace,
-            "CITADEL_PARTITIONS": str(kafka.partitions),
+            **cluster_env(kafka, tmp_path),
             "CITADEL_EVENT_STORE": store_url,
             "CITADEL_JWT_SECRET": secrets.token_urlsafe(32),
             "CITADEL_GATEWAY_PORT": "0",

@@ -88,6 +88,23 @@ def order(order_id: str, amount: float) -> tuple[bytes, bytes]:
     return b"cust-" + order_id.encode(), orjson.dumps({"id": order_id, "amount": amount})
 
 
+def mixed_orders(
+    total: int, every: int, junk: int, filtered: tuple[int, ...], prefix: str
+) -> tuple[list[tuple[bytes, bytes]], list[str]]:
+    """`total` messages: of each `every`, the one at `junk` is not JSON and those at `filtered`
+    fail the `orders` filter; the rest match. The messages, and the orders that match."""
+    messages = []
+    for n in range(total):
+        if n % every == junk:
+            messages.append((b"junk", b"{not json"))
+        elif n % every in filtered:
+            messages.append(order(f"{prefix}{n}", 1.0))
+        else:
+            messages.append(order(f"{prefix}{n}", 10.0 + n))
+    matching = [f"{prefix}{n}" for n in range(total) if n % every not in (junk, *filtered)]
+    return messages, matching
+
+
 def decoded(messages: list[Any]) -> Iterator[Envelope]:
     for message in messages:
         try:
@@ -259,14 +276,7 @@ async def test_a_thousand_messages_start_exactly_their_runs_across_a_restart_and
     kafka = kafka_for(bootstrap)
     store_url = f"sqlite:///{tmp_path / 'events.db'}"
     topic = await user_topic(kafka)
-    messages = []
-    for n in range(1000):
-        if n % 20 == 7:
-            messages.append((b"junk", b"{not json"))
-        elif n % 20 in (3, 11, 15):
-            messages.append(order(f"D-{n}", 1.0))
-        else:
-            messages.append(order(f"D-{n}", 10.0 + n))
+    messages, matching = mixed_orders(1000, every=20, junk=7, filtered=(3, 11, 15), prefix="D-")
 
     async with engine_factory(store_url=store_url, kafka=kafka, trigger_batch=50) as first:
         await deploy(first, orders("acme.bulk", topic))
@@ -284,9 +294,7 @@ async def test_a_thousand_messages_start_exactly_their_runs_across_a_restart_and
     assert len(starts) >= 1600  # every matching message at least twice (the redelivery)
     assert len({s.run_id for s in starts}) == 800
     assert set(runs) == {s.run_id for s in starts}
-    assert sorted(r.payload["input"]["order"] for r in runs.values()) == sorted(
-        f"D-{n}" for n in range(1000) if n % 20 not in (3, 7, 11, 15)
-    )
+    assert sorted(r.payload["input"]["order"] for r in runs.values()) == sorted(matching)
     letters = [letter for letter in await dead_letters(kafka, 100) if letter["topic"] == topic]
     assert len(letters) >= 100 and {letter["offset"] for letter in letters} == set(range(7, 1000, 20))
     assert second.settings.group == first.settings.group == third.settings.group
