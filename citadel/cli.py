@@ -394,13 +394,19 @@ def _serve_in_production(command: str, serve: Callable[[Settings], Coroutine[Any
         asyncio.run(serve(settings))
 
 
-async def _serve_gateway(settings: Settings) -> None:
-    from citadel.gateway import standalone_gateway
-
+def _stopped_by_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM: a serving command's cue to stop cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signals.SIGINT, signals.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _serve_gateway(settings: Settings) -> None:
+    from citadel.gateway import standalone_gateway
+
+    stop = _stopped_by_signals()
     async with standalone_gateway(settings) as gateway:
         out.print(f"[green]Citadel gateway is up[/green]: {gateway.url}/graphql", soft_wrap=True)
         await stop.wait()
@@ -410,10 +416,7 @@ async def _serve_projector(settings: Settings) -> None:
     from citadel.projector import running_projector
     from streams.kafka import RUN_EVENTS, ensure_topics
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signals.SIGINT, signals.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stopped_by_signals()
     assert settings.kafka is not None
     kafka = kafka_settings(settings, settings.kafka)
     await ensure_topics(kafka, (RUN_EVENTS,))
@@ -447,10 +450,7 @@ def _span_exporter(settings: Settings) -> SpanExporter | None:
 async def _serve(settings: Settings, announce_self: bool, project: bool | None = None) -> None:
     from citadel.gateway import running_gateway  # FastAPI and Strawberry: only for a serving process
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signals.SIGINT, signals.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stopped_by_signals()
     with err.status("starting the engine…") if err.is_terminal else contextlib.nullcontext():
         stack_cm = running_stack(settings, keep_broker=announce_self, project=project)
         stack = await stack_cm.__aenter__()
