@@ -14,7 +14,15 @@ from typing import Any
 import orjson
 from eventsourcing.domain import Aggregate, event
 
-from schemas.definition import CONTROL_TYPES, ENGINE_TYPES, INDEX, ITEM, Node, WorkflowDefinition
+from schemas.definition import (
+    CONTROL_TYPES,
+    ENGINE_TYPES,
+    INDEX,
+    ITEM,
+    Node,
+    WorkflowDefinition,
+    retryable_status,
+)
 from schemas.expressions import INPUT, RUN, ExpressionError, evaluate, evaluate_mapping
 
 # A failure of this class is deterministic (same context, same error), so it never retries.
@@ -319,7 +327,7 @@ class Run(Aggregate):
             return  # news of an attempt already recorded
         policy = self.spec.notify[delivery["index"]].retry
         next_attempt_at = None
-        client_error = status_code is not None and 400 <= status_code < 500 and status_code != 429
+        client_error = status_code is not None and status_code >= 400 and not retryable_status(status_code)
         if error is None and status_code is not None and 200 <= status_code < 300:
             outcome = "delivered"
         elif client_error or (error_class is not None and not policy.retries(error_class)):

@@ -45,7 +45,7 @@ from pydantic import ValidationError
 
 from nodes.egress import EgressDenied, EgressTransport
 from nodes.secrets import REDACTED, SecretNotFound, SecretStore, redact
-from schemas.definition import HttpConfig, RetryPolicy
+from schemas.definition import HttpConfig, RetryPolicy, retryable_status
 from schemas.tasks import NodeOutcome, NodeTask
 from streams.clock import Clock, SystemClock
 
@@ -497,7 +497,7 @@ class HttpExecutor:
     ) -> NodeOutcome | Retryable:
         status = response.status_code
         self._log(logging.DEBUG, f"http: {request.describe()} answered {status}", request)
-        if status == 429 or status >= 500:
+        if retryable_status(status):
             excerpt = self._excerpt(request, response, content)
             return Retryable(
                 HTTP_STATUS,

@@ -77,6 +77,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def retryable_status(status: int) -> bool:
+    """Whether an HTTP answer is worth asking again: 429 or a 5xx. Another 4xx is the caller's
+    mistake, which no retry mends (the http node and outgoing webhooks alike)."""
+    return status == 429 or status >= 500
+
+
 class RetryPolicy(Strict):
     """How a failed node attempt is retried."""
 
