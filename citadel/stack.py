@@ -127,7 +127,6 @@ def executor_registry(settings: Settings, secrets: SecretStore, bootstrap: str) 
             PythonExecutor(
                 max_concurrency=concurrency("python"),
                 allow_network=settings.allow_network,
-                hidden_paths=[str(settings.home)],
             ),
             JavaScriptExecutor(max_concurrency=concurrency("javascript")),
             HttpExecutor(secrets, max_concurrency=concurrency("http"), allow_private=settings.egress_private),

@@ -1,14 +1,23 @@
-"""The python node's zygote: a warm process that forks one fresh child per attempt.
+"""The python node's zygote: a warm process that forks one fresh attempt per request.
 
-Run as `python -m nodes._zygote RUNTIME_DIR PARENT_PID OUTPUT_CAP_BYTES ISOLATE`. The zygote keeps
-a few spare children forked ahead of demand: each has already left the zygote's session,
-tied its life to the zygote and set up its stdio and scratch directory, so an attempt only
-pays for handing over the connection. A child serves exactly one attempt and then exits.
+Run as `python -S -m nodes._zygote CONFIG_JSON` (see `ZygoteConfig`), inside the sandbox that
+`nodes.sandbox` builds. The engine created, bound and listens on the zygote's socket and passes it
+in as a descriptor, so the sandbox holds no path of the host's.
 
-With ISOLATE=1 (the zygote runs under bubblewrap, root of its user namespace) each spare
-also enters new mount and PID namespaces and forks the attempt's runner as their PID 1,
-with its own /proc, a private tmpfs /tmp, the runtime directory narrowed to its own
-capture files, and no capabilities: attempts cannot see, signal or read each other.
+Each attempt is two processes, forked ahead of demand:
+
+- the *spare*, which in isolated mode becomes an unprivileged uid and enters a user, mount and
+  PID namespace of its own, mounts the attempt's size-capped private /tmp, and then supervises:
+  it takes the engine's connection, hands the request to the runner, reads the runner's stdout
+  and stderr from pipes it owns (keeping the first bytes up to the cap, discarding the rest) and
+  answers the engine with the result and the output;
+- the *runner*, PID 1 of the attempt's PID namespace, which mounts its own /proc, lowers its
+  limits, drops every capability, sets no_new_privs and a seccomp filter, and only then runs the
+  user's code.
+
+The engine never reads a file an attempt could have replaced: output travels over pipes and the
+result over a socket, both opened before user code ran. The zygote itself does not depend on
+the engine's code: it imports only the standard library and `nodes._confine`.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import ctypes
+import errno
 import gc
 import importlib
 import json
@@ -26,16 +36,21 @@ import resource
 import select
 import shutil
 import signal
+import site
 import socket
 import struct
 import sys
+import tempfile
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from nodes import _confine
+
 # Passed on to user code; everything else in the engine's environment may hold secrets.
-KEPT_ENVIRONMENT = ("PATH", "LANG", "LANGUAGE", "TZ")
+KEPT_ENVIRONMENT = ("LANG", "LANGUAGE", "TZ")
 KEPT_ENVIRONMENT_PREFIXES = ("LC_",)
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 # Imported once here so that each forked child gets them for free. Modules that register
 # fork handlers (threading via subprocess, random's reseeding) would slow every fork instead.
@@ -54,7 +69,6 @@ PRELOADED_MODULES = (
 )
 
 SOCKET_NAME = "zygote.sock"
-ATTEMPTS_DIR_NAME = "attempts"
 READY_LINE = b"ready\n"
 SPARE_CHILDREN = 2
 
@@ -63,22 +77,28 @@ FRAME_HEADER = struct.Struct(">I")
 TRUNCATION_MARK = "\n... [truncated]"
 TRACEBACK_FRAMES = 5
 ERROR_MESSAGE_CAP_CHARS = 16 * 1024
+# Room in the runner's reply for the envelope and an error message, beyond the result itself.
+REPLY_OVERHEAD_BYTES = 256 * 1024
 # How long the zygote waits for an engine to take a report; it serves nobody else meanwhile.
 REPORT_SEND_TIMEOUT_SECONDS = 1.0
+# An attempt's leftovers may hold its pipes open without a PID namespace: read them this long.
+LEFTOVER_OUTPUT_SECONDS = 0.2
 
 FILE_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 ADDRESS_SPACE_LIMIT_BYTES = 1024 * 1024 * 1024
 PROCESS_COUNT_LIMIT = 64
 OPEN_FILES_LIMIT = 256
-PRIVATE_TMP_OPTIONS = b"size=64m,nr_inodes=4096,mode=1777"
-PRIVATE_SCRATCH = "/tmp/work"
+DEFAULT_SCRATCH_BYTES = 64 * 1024 * 1024
+SCRATCH_INODES = 4096
+SCRATCH = "/tmp"
+# User code's uid and gid inside its own user namespace.
+ATTEMPT_UID = 1000
 
-PR_SET_PDEATHSIG = 1
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
+CAP_KILL = 5
+CAP_SETGID = 6
+CAP_SETUID = 7
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -86,8 +106,7 @@ MS_NOEXEC = 8
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
-LINUX_CAPABILITY_VERSION_3 = 0x20080522
-# In a child: first its end of the hand-off channel, then the attempt's connection.
+# In a spare: its end of the hand-off channel. In a runner: its end of the spare's socket.
 CONNECTION_FD = 3
 
 
@@ -95,13 +114,43 @@ class ConnectionClosed(Exception):
     """The peer closed the connection before a whole frame arrived."""
 
 
+@dataclass(frozen=True)
+class ZygoteConfig:
+    """What the engine tells the zygote, as one JSON argument."""
+
+    listen_fd: int
+    output_cap_bytes: int
+    # Isolated: every attempt in namespaces of its own, as `sandbox_uid` when started as root.
+    isolate: bool
+    sandbox_uid: int = 65534
+    scratch_bytes: int = DEFAULT_SCRATCH_BYTES
+    # Directories of packages user code may import (site directories, .pth files honoured).
+    packages: tuple[str, ...] = ()
+    # The sandbox gave us no /proc of our own (as root, bwrap's would refuse nested mounts).
+    mount_proc: bool = False
+    # The engine's pid, when nothing else (bubblewrap) ties our life to it.
+    parent_pid: int = 0
+    # Which executor this is, for `ps` (the engine's runtime directory; not used inside).
+    label: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> ZygoteConfig:
+        values = json.loads(text)
+        values["packages"] = tuple(values.get("packages", ()))
+        return cls(**values)
+
+    def dumps(self) -> str:
+        return json.dumps({**self.__dict__, "packages": list(self.packages)})
+
+
 def kept_environment(environ: dict[str, str]) -> dict[str, str]:
     """The part of an environment that user code may see."""
-    return {
+    kept = {
         name: value
         for name, value in environ.items()
         if name in KEPT_ENVIRONMENT or name.startswith(KEPT_ENVIRONMENT_PREFIXES)
     }
+    return {**kept, "PATH": SANDBOX_PATH, "HOME": SCRATCH}
 
 
 def encode_frame(payload: bytes) -> bytes:
@@ -130,13 +179,12 @@ def _recv_exactly(fd: int, size: int) -> bytes:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_prctl = _libc.prctl
 
 
 def _check(result: int, what: str) -> None:
     if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{what} failed: {os.strerror(errno)}")
+        number = ctypes.get_errno()
+        raise OSError(number, f"{what} failed: {os.strerror(number)}")
 
 
 def _mount(source: bytes | None, target: str, fstype: bytes | None, flags: int, data: bytes | None) -> None:
@@ -145,59 +193,34 @@ def _mount(source: bytes | None, target: str, fstype: bytes | None, flags: int, 
 
 def _die_with_parent() -> None:
     # The kernel, not our code, must clean up if the parent is SIGKILLed.
-    if _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-
-
-def read_capped(path: str, cap: int) -> str:
-    """A captured output file as text, cut to `cap` bytes with a visible mark."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read(cap + 1)
-    except OSError:
-        return ""
-    if len(data) > cap:
-        return data[:cap].decode("utf-8", "replace") + TRUNCATION_MARK
-    return data.decode("utf-8", "replace")
+    _check(_libc.prctl(1, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 
 
 @dataclass
 class Child:
-    """A forked child: a spare while it holds a hand-off channel, then an attempt's runner."""
+    """A forked spare: waiting while it holds a hand-off channel, then supervising an attempt."""
 
     pid: int
     pidfd: int
-    workdir: str
     channel: socket.socket | None
     connection: socket.socket | None = None
 
 
 class Zygote:
-    """The zygote's loop: hands connections to spare children and reports how each one ended."""
+    """The zygote's loop: hands connections to spare children and reports spares that vanished."""
 
-    def __init__(self, runtime_dir: str, output_cap_bytes: int, isolate: bool) -> None:
-        self.runtime_dir = runtime_dir
-        self.isolate = isolate
-        self.attempts_dir = os.path.join(runtime_dir, ATTEMPTS_DIR_NAME)
-        self.output_cap_bytes = output_cap_bytes
+    def __init__(self, config: ZygoteConfig) -> None:
+        self.config = config
         self.pid = os.getpid()
         self.children: dict[int, Child] = {}
         # Attempt connections, by descriptor: the engine hangs up on one to have it killed.
         self.hang_ups: dict[int, Child] = {}
         self.spares: list[Child] = []
         self.poller = select.poll()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener = socket.socket(fileno=config.listen_fd)
 
     def serve(self) -> NoReturn:
         """Accept attempt connections until the engine closes our stdin."""
-        socket_path = os.path.join(self.runtime_dir, SOCKET_NAME)
-        if os.path.exists(socket_path):
-            os.unlink(socket_path)
-        # A killed predecessor leaves attempt directories whose pids this zygote's children reuse.
-        shutil.rmtree(self.attempts_dir, ignore_errors=True)
-        os.makedirs(self.attempts_dir)
-        self.listener.bind(socket_path)
-        self.listener.listen(128)
         self.listener.setblocking(False)
         self.poller.register(sys.stdin.fileno(), select.POLLIN)
         self.poller.register(self.listener.fileno(), select.POLLIN)
@@ -225,7 +248,7 @@ class Zygote:
                 connection, _ = self.listener.accept()
             except BlockingIOError:
                 return
-            # Children read it blocking; accept() from a non-blocking listener may not be.
+            # Spares use it blocking; accept() from a non-blocking listener may not be.
             connection.setblocking(True)
             self._hand_off(connection)
 
@@ -254,30 +277,30 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
-            _run_child(theirs.fileno(), self.attempts_dir, self.pid, self.output_cap_bytes, self.isolate)
+            _run_spare(theirs.fileno(), self.pid, self.config)
         theirs.close()
         pidfd = os.pidfd_open(pid)
-        child = Child(pid, pidfd, os.path.join(self.attempts_dir, str(pid)), ours)
+        child = Child(pid, pidfd, ours)
         self.children[pidfd] = child
         self.poller.register(pidfd, select.POLLIN)
         return child
 
     def _kill(self, child: Child) -> None:
-        """Kill an attempt whose engine hung up: it timed out, or already has its reply."""
+        """Kill the runner of an attempt whose engine hung up: it timed out, or has its reply.
+
+        The spare stays, to report how the runner ended and what it printed. The runner is the
+        init of the attempt's PID namespace, in a session of its own, and may have dropped its
+        death signal: kill it by pid, which ends everything in that namespace. It is the
+        unreaped child of the live spare, so its pid is not recycled.
+        """
         assert child.connection is not None
         self.poller.unregister(child.connection.fileno())
-        # The runner is the init of the attempt's PID namespace, in a session of its own, and
-        # may have dropped its death signal: kill it by pid first, which ends everything in
-        # that namespace. It is the unreaped child of the live spare, so its pid is not recycled.
         for runner in _children_of(child.pid):
             with contextlib.suppress(OSError):
                 os.kill(runner, signal.SIGKILL)
-        # Until its pidfd is handled the child is unreaped, so its group id is not recycled.
-        with contextlib.suppress(OSError):
-            os.killpg(child.pid, signal.SIGKILL)
 
     def _finish(self, child: Child) -> None:
-        """Reap an exited child, kill what it left behind, and tell its engine how it ended."""
+        """Reap an exited spare, kill what it left behind, and report it if it could not."""
         # The unreaped zombie still holds the group id, so this cannot hit a recycled pid.
         with contextlib.suppress(OSError):
             os.killpg(child.pid, signal.SIGKILL)
@@ -290,33 +313,38 @@ class Zygote:
             self.spares.remove(child)
             child.channel.close()
         if child.connection is not None:
-            self._report_ending(child, child.connection, status)
-        shutil.rmtree(child.workdir, ignore_errors=True)
-
-    def _report_ending(self, child: Child, connection: socket.socket, status: int) -> None:
-        ending: dict[str, Any] = (
-            {"exit": "signal", "signal": os.WTERMSIG(status)}
-            if os.WIFSIGNALED(status)
-            else {"exit": "status", "status": os.waitstatus_to_exitcode(status)}
-        )
-        # A child that replied already removed its workdir, so these are empty then.
-        ending["stdout"] = read_capped(os.path.join(child.workdir, "stdout"), self.output_cap_bytes)
-        ending["stderr"] = read_capped(os.path.join(child.workdir, "stderr"), self.output_cap_bytes)
-        # The engine may already have its reply and have hung up; then nobody needs this.
-        with contextlib.suppress(OSError):
-            connection.settimeout(REPORT_SEND_TIMEOUT_SECONDS)
-            connection.sendall(encode_frame(json.dumps(ending).encode()))
-        connection.close()
+            # A spare that reported exits 0; one that could not leaves the engine to us.
+            if status != 0:
+                _send_ending(child.connection, status, "", "")
+            child.connection.close()
 
 
-def serve(runtime_dir: str, parent_pid: int, output_cap_bytes: int, isolate: bool) -> NoReturn:
-    """Start the zygote: tie it to the engine, scrub its environment, warm it up, serve.
+def _send_ending(connection: socket.socket, status: int, stdout: str, stderr: str) -> None:
+    ending: dict[str, Any] = (
+        {"exit": "signal", "signal": os.WTERMSIG(status)}
+        if os.WIFSIGNALED(status)
+        else {"exit": "status", "status": os.waitstatus_to_exitcode(status)}
+    )
+    ending["stdout"] = stdout
+    ending["stderr"] = stderr
+    # The engine may already have its reply and have hung up; then nobody needs this.
+    with contextlib.suppress(OSError):
+        connection.settimeout(REPORT_SEND_TIMEOUT_SECONDS)
+        connection.sendall(encode_frame(json.dumps(ending).encode()))
 
-    Under bubblewrap the parent is bwrap's init and `parent_pid` is 0: bwrap ties us to the engine.
-    """
+
+def serve(config: ZygoteConfig) -> NoReturn:
+    """Start the zygote: tie it to the engine, scrub its environment, warm it up, serve."""
     _die_with_parent()
-    if parent_pid and os.getppid() != parent_pid:
+    if config.parent_pid and os.getppid() != config.parent_pid:
         os._exit(0)
+    if config.mount_proc:
+        # Started as root by a privileged bubblewrap: a /proc of the sandbox's PID namespace,
+        # then only what making spares needs (becoming the sandbox uid, killing runners).
+        _mount(b"proc", "/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        _confine.keep_capabilities((CAP_KILL, CAP_SETGID, CAP_SETUID))
+    for directory in config.packages:
+        site.addsitedir(directory)
     kept = kept_environment(dict(os.environ))
     os.environ.clear()
     os.environ.update(kept)
@@ -325,28 +353,34 @@ def serve(runtime_dir: str, parent_pid: int, output_cap_bytes: int, isolate: boo
     # Line buffering keeps what user code printed before a timeout kill.
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=True)  # type: ignore[union-attr]
-    Zygote(runtime_dir, output_cap_bytes, isolate).serve()
+    Zygote(config).serve()
 
 
-def _run_child(
-    channel_fd: int, attempts_dir: str, zygote_pid: int, output_cap: int, isolate: bool
-) -> NoReturn:
-    """Run one child's whole life and exit without ever returning into the zygote's loop."""
+def _run_spare(channel_fd: int, zygote_pid: int, config: ZygoteConfig) -> NoReturn:
+    """Run one spare's whole life and exit without ever returning into the zygote's loop."""
     exit_status = 1
     try:
-        _serve_one_attempt(channel_fd, attempts_dir, zygote_pid, output_cap, isolate)
+        _spare(channel_fd, zygote_pid, config)
         exit_status = 0
     except BaseException:
-        # Stderr is the attempt's capture file by now, so the engine gets to see this.
+        # Our stderr is the engine's log: a fault of ours, never user code's output.
         traceback.print_exc()
     finally:
         os._exit(exit_status)
 
 
-def _serve_one_attempt(
-    channel_fd: int, attempts_dir: str, zygote_pid: int, output_cap: int, isolate: bool
-) -> None:
-    """Be a spare until handed a connection, then run that one attempt."""
+@dataclass
+class Runner:
+    """The spare's handle on its runner: pid, its exit, its socket and its output pipes."""
+
+    pid: int
+    pidfd: int
+    socket: socket.socket
+    streams: dict[int, bytearray] = field(default_factory=dict)
+
+
+def _spare(channel_fd: int, zygote_pid: int, config: ZygoteConfig) -> None:
+    """Be a spare until handed a connection, then supervise that one attempt."""
     # Inherited zygote objects must never be finalized here: they would close
     # descriptor numbers that this attempt has reused.
     gc.freeze()
@@ -354,66 +388,181 @@ def _serve_one_attempt(
     _die_with_parent()
     if os.getppid() != zygote_pid:
         return
-    _keep_only_channel(channel_fd)
-    workdir = os.path.join(attempts_dir, str(os.getpid()))
-    capture_dir = workdir
+    _keep_only(channel_fd)
+    runner: Runner | None = None
+    setup_error: OSError | None = None
+    # Without namespaces the attempt works in a directory of the host's; see `isolation`.
+    scratch = SCRATCH if config.isolate else tempfile.mkdtemp(prefix="citadel-attempt-")
     try:
-        _prepare_workdir(workdir)
-        if isolate:
-            capture_dir = _enter_private_namespaces(workdir, os.path.dirname(attempts_dir))
-        setup_error = None
+        if config.isolate:
+            _enter_attempt_namespaces(config)
+        runner = _fork_runner(config, scratch)
     except OSError as exc:
         setup_error = exc
-    if not _receive_connection():
+    connection = _receive_connection()
+    if connection is None:
+        return  # The zygote is shutting down; the runner dies with us.
+    connection.sendall(encode_frame(b'{"started":true}'))
+    request = recv_frame(connection.fileno())
+    if runner is None:
+        detail = _failure("ExecutorError", f"could not set up the attempt: {setup_error}")
+        connection.sendall(encode_frame(_with_streams(_reply(detail), "", "")))
         return
-    send_frame(CONNECTION_FD, b'{"started":true}')
-    request = json.loads(recv_frame(CONNECTION_FD))
-    if setup_error is not None:
-        result: bytes | dict[str, str] = _failure(
-            "ExecutorError", f"could not set up the attempt: {setup_error}"
-        )
-    else:
-        _limit_resources(request["timeout_seconds"])
-        result = _run_user_code(request)
-    _flush_user_output()
-    stdout = read_capped(os.path.join(capture_dir, "stdout"), output_cap)
-    stderr = read_capped(os.path.join(capture_dir, "stderr"), output_cap)
-    send_frame(CONNECTION_FD, _reply(result, stdout, stderr))
-    # After the reply, so the engine does not wait for it; the zygote removes what is left.
-    for name in ("stdout", "stderr"):
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(capture_dir, name))
-    if not isolate:
-        shutil.rmtree(workdir, ignore_errors=True)
+    _supervise(runner, connection, request, config)
+    if not config.isolate:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _enter_private_namespaces(workdir: str, runtime_dir: str) -> str:
-    """Fork the attempt's runner as PID 1 of fresh namespaces; return where its captures are.
-
-    The spare stays behind as the runner's parent, so the zygote sees its exit status.
-    """
-    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID), "unshare(CLONE_NEWNS | CLONE_NEWPID)")
+def _enter_attempt_namespaces(config: ZygoteConfig) -> None:
+    """Become the attempt's unprivileged user in namespaces of its own, with a private /tmp."""
+    if os.geteuid() == 0:
+        # Root's processes are exempt from RLIMIT_NPROC, and root could read what a bind reveals.
+        os.setgroups([])
+        os.setresgid(config.sandbox_uid, config.sandbox_uid, config.sandbox_uid)
+        os.setresuid(config.sandbox_uid, config.sandbox_uid, config.sandbox_uid)
+        _confine.set_dumpable()
+    outer_uid, outer_gid = os.getuid(), os.getgid()
+    # The new user namespace grants what mounting the attempt's own /tmp and /proc needs; its
+    # uid is the sandbox's on the host, so the process limit applies per attempt.
+    _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID), "unshare(user, mount, pid)")
+    with open("/proc/self/setgroups", "w") as setgroups:
+        setgroups.write("deny")
+    with open("/proc/self/uid_map", "w") as uid_map:
+        uid_map.write(f"{ATTEMPT_UID} {outer_uid} 1")
+    with open("/proc/self/gid_map", "w") as gid_map:
+        gid_map.write(f"{ATTEMPT_UID} {outer_gid} 1")
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
-    # Held open across the new /tmp, which may cover the runtime directory.
-    workdir_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
-    _mount(b"tmpfs", "/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, PRIVATE_TMP_OPTIONS)
-    # /dev/shm is the other place any process may write: one per attempt too.
+    options = f"size={config.scratch_bytes},nr_inodes={SCRATCH_INODES},mode=1777".encode()
+    _mount(b"tmpfs", SCRATCH, b"tmpfs", MS_NOSUID | MS_NODEV, options)
+    # /dev/shm is the other place any process may write: the same capped tmpfs.
     if os.path.isdir("/dev/shm"):
-        _mount(b"tmpfs", "/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV, PRIVATE_TMP_OPTIONS)
-    os.makedirs(runtime_dir, exist_ok=True)
-    # Only this attempt's capture files stay in view: not the socket, nor other attempts.
-    _mount(b"/proc/self/fd/%d" % workdir_fd, runtime_dir, None, MS_BIND, None)
-    os.close(workdir_fd)
-    os.mkdir(PRIVATE_SCRATCH)
-    runner = os.fork()
-    if runner != 0:
-        _mirror_exit(runner)
-    os.setsid()
-    _die_with_parent()
-    _mount(b"proc", "/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-    _drop_capabilities()
-    os.chdir(PRIVATE_SCRATCH)
-    return runtime_dir
+        _mount(SCRATCH.encode(), "/dev/shm", None, MS_BIND, None)
+
+
+def _fork_runner(config: ZygoteConfig, scratch: str) -> Runner:
+    stdout_read, stdout_write = os.pipe()
+    stderr_read, stderr_write = os.pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        _run_runner(stdout_write, stderr_write, theirs.fileno(), config, scratch)
+    for fd in (stdout_write, stderr_write):
+        os.close(fd)
+    theirs.close()
+    return Runner(pid, os.pidfd_open(pid), ours, {stdout_read: bytearray(), stderr_read: bytearray()})
+
+
+def _supervise(runner: Runner, connection: socket.socket, request: bytes, config: ZygoteConfig) -> None:
+    """Hand the request over, gather output, and answer the engine with the result or the end."""
+    result_cap = int(json.loads(request)["result_cap_bytes"])
+    poller = select.poll()
+    for fd in (*runner.streams, runner.pidfd, runner.socket.fileno()):
+        poller.register(fd, select.POLLIN)
+    with contextlib.suppress(OSError):
+        runner.socket.sendall(encode_frame(request))
+    frame = bytearray()
+    reply: bytes | None = None
+    cap = config.output_cap_bytes
+    runner_ended = False
+    while reply is None and not runner_ended:
+        for fd, _ in poller.poll():
+            if fd in runner.streams:
+                if not _gather(fd, runner.streams[fd], cap):
+                    poller.unregister(fd)
+            elif fd == runner.socket.fileno():
+                if not _receive(runner.socket, frame):
+                    poller.unregister(fd)
+            elif fd == runner.pidfd:
+                runner_ended = True
+        if runner_ended:
+            # Its reply may be waiting behind the news of its exit.
+            runner.socket.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while _receive(runner.socket, frame):
+                    pass
+        reply = _complete_frame(frame, result_cap + REPLY_OVERHEAD_BYTES)
+    if reply is None:
+        _report_end(runner, connection, cap)
+        return
+    # The runner wrote its output before its result: what is in the pipes now is all of it.
+    for fd in runner.streams:
+        os.set_blocking(fd, False)
+        with contextlib.suppress(BlockingIOError):
+            while _gather(fd, runner.streams[fd], cap):
+                pass
+    stdout, stderr = (_text(buffer, cap) for buffer in runner.streams.values())
+    connection.sendall(encode_frame(_with_streams(reply, stdout, stderr)))
+    _kill_group(runner.pid)
+
+
+def _report_end(runner: Runner, connection: socket.socket, cap: int) -> None:
+    """The runner ended without a result: say how, with what it printed."""
+    _kill_group(runner.pid)
+    _, status = os.waitpid(runner.pid, 0)
+    # An ended PID namespace holds no writer any more; without one, leftovers get a moment.
+    for fd, buffer in runner.streams.items():
+        readable, _, _ = select.select([fd], [], [], LEFTOVER_OUTPUT_SECONDS)
+        while readable and _gather(fd, buffer, cap):
+            readable, _, _ = select.select([fd], [], [], LEFTOVER_OUTPUT_SECONDS)
+    stdout_fd, stderr_fd = runner.streams
+    _send_ending(
+        connection, status, _text(runner.streams[stdout_fd], cap), _text(runner.streams[stderr_fd], cap)
+    )
+
+
+def _receive(channel: socket.socket, frame: bytearray) -> bool:
+    """Add what the runner sent to its frame; False at the end of its sending."""
+    chunk = channel.recv(65536)
+    frame += chunk
+    return bool(chunk)
+
+
+def _gather(fd: int, buffer: bytearray, cap: int) -> bool:
+    """Read what a pipe holds, keeping up to one byte past the cap; False at its end."""
+    data = os.read(fd, 65536)
+    if len(buffer) <= cap:
+        buffer += data[: cap + 1 - len(buffer)]
+    return bool(data)
+
+
+def _text(buffer: bytearray, cap: int) -> str:
+    if len(buffer) > cap:
+        return buffer[:cap].decode("utf-8", "replace") + TRUNCATION_MARK
+    return buffer.decode("utf-8", "replace")
+
+
+def _complete_frame(frame: bytearray, limit: int) -> bytes | None:
+    """The runner's reply once it has all arrived; a protocol failure if it cannot be one."""
+    if len(frame) < FRAME_HEADER.size:
+        return None
+    (length,) = FRAME_HEADER.unpack_from(frame)
+    if length > limit:
+        return _reply(_failure("ProtocolError", _PROTOCOL_HINT % f"a {length}-byte frame"))
+    if len(frame) < FRAME_HEADER.size + length:
+        return None
+    return bytes(frame[FRAME_HEADER.size : FRAME_HEADER.size + length])
+
+
+_PROTOCOL_HINT = (
+    "the node's process sent %s where its result belonged; did the code write to "
+    f"file descriptor {CONNECTION_FD}?"
+)
+
+
+def _with_streams(reply: bytes, stdout: str, stderr: str) -> bytes:
+    """The runner's reply object with the output the spare captured spliced in (it wins)."""
+    streams = json.dumps({"stdout": stdout, "stderr": stderr}).encode()
+    body = reply.strip()
+    if len(body) < 3 or body[:1] != b"{" or body[-1:] != b"}":
+        failure = _failure("ProtocolError", _PROTOCOL_HINT % "something other than a JSON object")
+        return _with_streams(_reply(failure), stdout, stderr)
+    return body[:-1] + b"," + streams[1:]
+
+
+def _kill_group(pid: int) -> None:
+    """Kill a runner's process group (its leftovers when there is no PID namespace)."""
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _children_of(parent: int) -> list[int]:
@@ -432,92 +581,84 @@ def _children_of(parent: int) -> list[int]:
     return children
 
 
-def _mirror_exit(runner: int) -> NoReturn:
-    """Wait for the runner and end the same way, for the zygote to report."""
-    os.closerange(0, CONNECTION_FD + 1)
-    _, status = os.waitpid(runner, 0)
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        signal.signal(number, signal.SIG_DFL)
-        os.kill(os.getpid(), number)
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
-
-
-class _CapabilityHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapabilityData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
-
-
-def _drop_capabilities() -> None:
-    """Give up every capability for good, so no later exec as uid 0 regains them."""
-    _check(_prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-    _check(_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT)")
-    capability = 0
-    while _prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) == 0:
-        capability += 1
-    header = _CapabilityHeader(LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapabilityData * 2)()
-    _check(_libc.capset(ctypes.byref(header), data), "capset")
-
-
-def _keep_only_channel(channel_fd: int) -> None:
-    """Close every inherited descriptor (the zygote's, other attempts') but stdio and ours."""
+def _keep_only(channel_fd: int) -> None:
+    """Close every inherited descriptor (the zygote's, other attempts') but stderr and ours."""
     if channel_fd != CONNECTION_FD:
         os.dup2(channel_fd, CONNECTION_FD, inheritable=False)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1):
+        os.dup2(devnull, target)
+    os.close(devnull)
     os.closerange(CONNECTION_FD + 1, os.sysconf("SC_OPEN_MAX"))
 
 
-def _prepare_workdir(workdir: str) -> None:
-    """Point stdio at this attempt's capture files and work in its own scratch directory."""
-    scratch = os.path.join(workdir, "work")
-    os.makedirs(scratch)
-    for target, path, flags in (
-        (0, os.devnull, os.O_RDONLY),
-        (1, os.path.join(workdir, "stdout"), os.O_WRONLY | os.O_CREAT | os.O_EXCL),
-        (2, os.path.join(workdir, "stderr"), os.O_WRONLY | os.O_CREAT | os.O_EXCL),
-    ):
-        fd = os.open(path, flags, 0o600)
-        os.dup2(fd, target)
-        os.close(fd)
-    os.chdir(scratch)
-
-
-def _receive_connection() -> bool:
-    """Wait for an attempt's connection on the hand-off channel; put it at CONNECTION_FD."""
+def _receive_connection() -> socket.socket | None:
+    """Wait for an attempt's connection on the hand-off channel."""
     channel = socket.socket(fileno=CONNECTION_FD)
     try:
         _, fds, _, _ = socket.recv_fds(channel, 1, 1)
     finally:
-        channel.detach()
+        channel.close()
     if not fds:
-        return False  # The zygote is shutting down.
-    os.dup2(fds[0], CONNECTION_FD, inheritable=False)
-    os.close(fds[0])
-    return True
+        return None  # The zygote is shutting down.
+    return socket.socket(fileno=fds[0])
 
 
-def _limit_resources(timeout_seconds: float) -> None:
-    cpu_seconds = math.ceil(timeout_seconds) + 1
-    _lower_limit(resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1)
-    _lower_limit(resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT_BYTES, FILE_SIZE_LIMIT_BYTES)
-    _lower_limit(resource.RLIMIT_AS, ADDRESS_SPACE_LIMIT_BYTES, ADDRESS_SPACE_LIMIT_BYTES)
-    _lower_limit(resource.RLIMIT_NPROC, PROCESS_COUNT_LIMIT, PROCESS_COUNT_LIMIT)
-    _lower_limit(resource.RLIMIT_NOFILE, OPEN_FILES_LIMIT, OPEN_FILES_LIMIT)
+def _run_runner(
+    stdout_fd: int, stderr_fd: int, socket_fd: int, config: ZygoteConfig, scratch: str
+) -> NoReturn:
+    """The attempt itself: confine this process, wait for the request, run the user's code."""
+    exit_status = 1
+    try:
+        os.setsid()
+        _die_with_parent()
+        for source, target in ((stdout_fd, 1), (stderr_fd, 2), (socket_fd, CONNECTION_FD)):
+            os.dup2(source, target, inheritable=target != CONNECTION_FD)
+        stdin = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(stdin, 0)
+        os.closerange(CONNECTION_FD + 1, os.sysconf("SC_OPEN_MAX"))
+        setup_error = None
+        try:
+            _confine_runner(config, scratch)
+        except OSError as exc:
+            setup_error = exc
+        request = json.loads(recv_frame(CONNECTION_FD))
+        if setup_error is not None:
+            result: bytes | dict[str, str] = _failure(
+                "ExecutorError", f"could not confine the attempt: {setup_error}"
+            )
+        else:
+            cpu_seconds = math.ceil(request["timeout_seconds"]) + 1
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+            result = _run_user_code(request)
+        _flush_user_output()
+        send_frame(CONNECTION_FD, _reply(result))
+        exit_status = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(exit_status)
 
 
-def _lower_limit(which: int, soft: int, hard: int) -> None:
-    _, current_hard = resource.getrlimit(which)
-    if current_hard != resource.RLIM_INFINITY:
-        hard = min(hard, current_hard)
-        soft = min(soft, hard)
-    resource.setrlimit(which, (soft, hard))
+def _confine_runner(config: ZygoteConfig, scratch: str) -> None:
+    """Everything that narrows the runner, in an order that keeps each step possible."""
+    if config.isolate:
+        # PID 1 of the attempt's namespace: a /proc that shows only the attempt.
+        _mount(b"proc", "/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    os.chdir(scratch)
+    global _scratch_mib
+    _scratch_mib = config.scratch_bytes // 2**20
+    _confine.lower_limit(resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT_BYTES)
+    _confine.lower_limit(resource.RLIMIT_AS, ADDRESS_SPACE_LIMIT_BYTES)
+    _confine.lower_limit(resource.RLIMIT_NPROC, PROCESS_COUNT_LIMIT)
+    _confine.lower_limit(resource.RLIMIT_NOFILE, OPEN_FILES_LIMIT)
+    _confine.drop_privileges()
+    if _confine.seccomp_supported():
+        _confine.install_seccomp()
+
+
+# For the hint on a full scratch space; set once the runner knows its configuration.
+_scratch_mib = DEFAULT_SCRATCH_BYTES // 2**20
 
 
 def _run_user_code(request: dict[str, Any]) -> bytes | dict[str, str]:
@@ -568,6 +709,10 @@ def _describe_user_exception(exc: BaseException) -> str:
         detail = f"<unprintable {type(exc).__name__}>"
     if isinstance(exc, MemoryError):
         detail = f"{detail} (the node may use at most {ADDRESS_SPACE_LIMIT_BYTES} bytes of memory)"
+    elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        detail = f"{detail} (the node's scratch space, {SCRATCH}, holds at most {_scratch_mib} MiB)"
+    elif isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        detail = f"{detail} (a file the node writes may hold at most {FILE_SIZE_LIMIT_BYTES // 2**20} MiB)"
     frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == NODE_FILENAME]
     if not frames:
         return detail
@@ -581,12 +726,11 @@ def _failure(error_class: str, message: str) -> dict[str, str]:
     return {"error_class": error_class, "error_message": message}
 
 
-def _reply(result: bytes | dict[str, str], stdout: str, stderr: str) -> bytes:
-    streams = json.dumps({"stdout": stdout, "stderr": stderr}).encode()
+def _reply(result: bytes | dict[str, str]) -> bytes:
     if isinstance(result, bytes):
         # The result is already JSON: splice it in rather than decode and encode it again.
-        return b'{"ok":true,"output":' + result + b"," + streams[1:]
-    return json.dumps({"ok": False, **result, "stdout": stdout, "stderr": stderr}).encode()
+        return b'{"ok":true,"output":' + result + b"}"
+    return json.dumps({"ok": False, **result}).encode()
 
 
 def _flush_user_output() -> None:
@@ -597,4 +741,4 @@ def _flush_user_output() -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1")
+    serve(ZygoteConfig.parse(sys.argv[1]))

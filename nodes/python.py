@@ -10,15 +10,24 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nodes import _zygote
-from nodes.sandbox import Isolation, SandboxUnavailable, bubblewrap_command, code_paths, probe_bubblewrap
+from nodes import _confine, _zygote
+from nodes.sandbox import (
+    SANDBOX_ROOT,
+    Isolation,
+    SandboxUnavailable,
+    allow_list,
+    bubblewrap_command,
+    default_packages,
+    interpreter,
+    privileged,
+    probe_bubblewrap,
+)
 from schemas.tasks import NodeOutcome, NodeTask
 
 logger = logging.getLogger(__name__)
@@ -30,6 +39,8 @@ ZYGOTE_STOP_TIMEOUT_SECONDS = 2.0
 ENDING_REPORT_TIMEOUT_SECONDS = 1.0
 # Room in a reply frame for the envelope and an error message, beyond the result itself.
 REPLY_OVERHEAD_BYTES = 1024 * 1024
+# Who user code runs as on the host when the engine runs as root (nobody).
+DEFAULT_SANDBOX_UID = 65534
 # sun_path holds 108 bytes, including the terminating NUL.
 UNIX_SOCKET_PATH_MAX_BYTES = 107
 
@@ -56,23 +67,33 @@ class InvalidTask(ValueError):
 
 
 class ZygoteProcess:
-    """The engine's handle on the zygote: launches it, restarts it, and says where it listens."""
+    """The engine's handle on the zygote: launches it, restarts it, and says where it listens.
+
+    The engine binds and listens on the zygote's socket itself and hands the zygote the
+    descriptor, so the socket's path is never inside the sandbox.
+    """
 
     def __init__(
         self,
         runtime_dir: Path,
         output_cap_bytes: int,
         bwrap: str | None = None,
-        hidden_paths: Sequence[str] = (),
         network: bool = False,
+        packages: Sequence[str] = (),
+        scratch_bytes: int = _zygote.DEFAULT_SCRATCH_BYTES,
+        sandbox_uid: int = DEFAULT_SANDBOX_UID,
     ) -> None:
         self.runtime_dir = runtime_dir
         self.bwrap = bwrap
-        self.hidden_paths = hidden_paths
         self.network = network
+        self.packages = tuple(packages)
+        self.scratch_bytes = scratch_bytes
+        self.sandbox_uid = sandbox_uid
         self.socket_path = runtime_dir / _zygote.SOCKET_NAME
         self.output_cap_bytes = output_cap_bytes
         self.generation = 0
+        self.allowed = allow_list(self.packages, network) if bwrap is not None else None
+        self._listener: socket.socket | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
@@ -80,21 +101,29 @@ class ZygoteProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def command(self) -> list[str]:
+    def command(self, listen_fd: int) -> list[str]:
         """The zygote's command line, under bubblewrap unless isolation is rlimits-only."""
-        zygote = [sys.executable, "-m", "nodes._zygote", str(self.runtime_dir)]
-        if self.bwrap is None:
-            return [*zygote, str(os.getpid()), str(self.output_cap_bytes), "0"]
-        sandbox = bubblewrap_command(
-            self.bwrap, self.runtime_dir, code_paths(PROJECT_ROOT), self.hidden_paths, self.network
+        config = _zygote.ZygoteConfig(
+            listen_fd=listen_fd,
+            output_cap_bytes=self.output_cap_bytes,
+            isolate=self.allowed is not None,
+            sandbox_uid=self.sandbox_uid,
+            scratch_bytes=self.scratch_bytes,
+            packages=self.allowed.inside_packages if self.allowed is not None else self.packages,
+            mount_proc=self.allowed is not None and privileged(),
+            # Inside the sandbox the engine's pid means nothing; --die-with-parent ties us to it.
+            parent_pid=0 if self.allowed is not None else os.getpid(),
+            label=str(self.runtime_dir),
         )
-        # Inside the sandbox the engine's pid means nothing; --die-with-parent ties us to it.
-        return [*sandbox, *zygote, "0", str(self.output_cap_bytes), "1"]
+        zygote = [interpreter(), "-S", "-B", "-m", "nodes._zygote", config.dumps()]
+        if self.bwrap is None or self.allowed is None:
+            return zygote
+        return [*bubblewrap_command(self.bwrap, self.allowed, self.network), *zygote]
 
     def environment(self) -> dict[str, str]:
         """Only basics: the zygote's initial environment stays readable in /proc by its children."""
         environment = _zygote.kept_environment(dict(os.environ))
-        environment["PYTHONPATH"] = str(PROJECT_ROOT)
+        environment["PYTHONPATH"] = SANDBOX_ROOT if self.allowed is not None else str(PROJECT_ROOT)
         return environment
 
     async def ensure_running(self) -> int:
@@ -114,14 +143,30 @@ class ZygoteProcess:
     async def stop(self) -> None:
         async with self._lock:
             await self._terminate()
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+
+    def _listening(self) -> socket.socket:
+        if self._listener is None:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+            listener.bind(str(self.socket_path))
+            listener.listen(128)
+            self._listener = listener
+        return self._listener
 
     async def _launch(self) -> None:
+        listener = self._listening()
+        command = self.command(listener.fileno())
         process = await asyncio.create_subprocess_exec(
-            *self.command(),
+            *command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=self.environment(),
             cwd=self.runtime_dir,
+            pass_fds=(listener.fileno(),),
             # Out of the engine's session, so a Ctrl-C meant for the engine does not reach it.
             start_new_session=True,
         )
@@ -139,7 +184,7 @@ class ZygoteProcess:
         if ready != _zygote.READY_LINE:
             await _kill(process)
             raise ZygoteStartError(
-                f"the python executor's zygote ({' '.join(self.command())}) did not report "
+                f"the python executor's zygote ({' '.join(command)}) did not report "
                 f"ready within {ZYGOTE_STARTUP_TIMEOUT_SECONDS:g} s (exit status "
                 f"{process.returncode}); its stderr is in the engine's log"
             )
@@ -221,11 +266,13 @@ class PythonExecutor:
     `config["code"]` defines a function named `config.get("entrypoint", "main")`, which
     is called as `main(**inputs)`; its JSON-serialisable return value is the output.
 
-    Each attempt runs under bubblewrap (see `nodes.sandbox`) unless `isolation="rlimits"`
-    accepts rlimits-only isolation where bubblewrap cannot create namespaces. A task with
+    Each attempt runs under bubblewrap in a filesystem built from an allow-list (see
+    `nodes.sandbox`): the interpreter, the `packages` directories user code may import (the
+    engine's own site-packages by default), and a private /tmp of `scratch_bytes`. When the
+    engine runs as root, user code runs as `sandbox_uid`. `isolation="rlimits"` accepts
+    rlimits-only isolation where bubblewrap cannot create namespaces. A task with
     `config["network"] is True` runs in a second, networked sandbox if `allow_network`;
-    otherwise it fails with NetworkNotAllowed. `hidden_paths` are directories the code must
-    not see, such as the engine's CITADEL_HOME; a default set is always hidden.
+    otherwise it fails with NetworkNotAllowed.
     """
 
     node_types: tuple[str, ...] = ("python",)
@@ -237,13 +284,17 @@ class PythonExecutor:
         result_cap_bytes: int = 1024 * 1024,
         isolation: Isolation = "bubblewrap",
         allow_network: bool = False,
-        hidden_paths: Sequence[str] = (),
+        packages: Sequence[str] | None = None,
+        scratch_bytes: int = _zygote.DEFAULT_SCRATCH_BYTES,
+        sandbox_uid: int = DEFAULT_SANDBOX_UID,
     ) -> None:
         if isolation not in ("bubblewrap", "rlimits"):
             raise ValueError(f'isolation is {isolation!r}; use "bubblewrap" or "rlimits"')
         self.isolation = isolation
         self.allow_network = allow_network
-        self.hidden_paths = tuple(hidden_paths)
+        self.packages = tuple(default_packages() if packages is None else packages)
+        self.scratch_bytes = scratch_bytes
+        self.sandbox_uid = sandbox_uid
         self.sandboxed = False
         self.max_concurrency = max_concurrency
         self.output_cap_bytes = output_cap_bytes
@@ -270,6 +321,27 @@ class PythonExecutor:
         except BaseException:
             await self.stop()
             raise
+        logger.info("the python executor %s", self.enforcement())
+
+    def enforcement(self) -> str:
+        """What confines each attempt, in one sentence for the log."""
+        limits = (
+            f"at most {_zygote.PROCESS_COUNT_LIMIT} processes (RLIMIT_NPROC), "
+            f"{_zygote.ADDRESS_SPACE_LIMIT_BYTES // 2**20} MiB of address space (RLIMIT_AS), "
+            "CPU time of its timeout + 1 s (RLIMIT_CPU), "
+            f"files of at most {_zygote.FILE_SIZE_LIMIT_BYTES // 2**20} MiB (RLIMIT_FSIZE)"
+        )
+        zygote = self._zygote
+        if zygote is None or zygote.allowed is None:
+            return f"runs user code WITHOUT a sandbox (isolation=rlimits), with {limits}"
+        who = f"host uid {self.sandbox_uid}" if privileged() else f"the engine's uid ({os.getuid()})"
+        seccomp = "a seccomp filter" if _confine.seccomp_supported() else "NO seccomp filter (unknown arch)"
+        return (
+            f"sandboxes each attempt with bubblewrap: it sees only {zygote.allowed.describe()}, "
+            f"a {self.scratch_bytes // 2**20} MiB private /tmp, its own /proc and a minimal /dev; "
+            f"it runs as {who} in its own user, mount and PID namespaces, without capabilities, "
+            f"with no_new_privs and {seccomp}, and with {limits}; cgroup controllers are not used"
+        )
 
     async def _sandbox(self) -> str | None:
         """The bwrap to run under, or None once rlimits-only isolation was accepted."""
@@ -291,7 +363,15 @@ class PythonExecutor:
 
     async def _start_zygote(self, bwrap: str | None, network: bool) -> ZygoteProcess:
         runtime_dir = Path(tempfile.mkdtemp(prefix="citadel-python-"))
-        zygote = ZygoteProcess(runtime_dir, self.output_cap_bytes, bwrap, self.hidden_paths, network)
+        zygote = ZygoteProcess(
+            runtime_dir,
+            self.output_cap_bytes,
+            bwrap,
+            network,
+            self.packages,
+            self.scratch_bytes,
+            self.sandbox_uid,
+        )
         if len(os.fsencode(zygote.socket_path)) > UNIX_SOCKET_PATH_MAX_BYTES:
             shutil.rmtree(runtime_dir, ignore_errors=True)
             raise ZygoteStartError(
