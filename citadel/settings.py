@@ -26,6 +26,19 @@ class Settings(BaseModel):
     namespace: str = Field(description="prefix of every topic name (CITADEL_TOPIC_PREFIX)")
     secrets_dir: Path | None = Field(description="one file per secret (CITADEL_SECRETS_DIR); else env")
     allow_network: bool = Field(description="python nodes may ask for network (CITADEL_ALLOW_NETWORK)")
+    sandbox_packages: list[Path] | None = Field(
+        default=None,
+        description="package directories python nodes may import (CITADEL_SANDBOX_PACKAGES); "
+        "None: the engine's own site-packages",
+    )
+    sandbox_scratch_mb: int = Field(
+        default=64, ge=1, le=65536, description="each attempt's private /tmp (CITADEL_SANDBOX_SCRATCH_MB)"
+    )
+    sandbox_uid: int = Field(
+        default=65534,
+        ge=1,
+        description="host uid user code runs as when the engine runs as root (CITADEL_SANDBOX_UID)",
+    )
     log_level: str
     log_format: Literal["json", "text"] | None = Field(
         default=None, description="CITADEL_LOG_FORMAT; unset: json for `up` and `worker`, text otherwise"
@@ -88,6 +101,11 @@ class Settings(BaseModel):
             namespace=env.get("CITADEL_TOPIC_PREFIX", ""),
             secrets_dir=Path(env["CITADEL_SECRETS_DIR"]) if env.get("CITADEL_SECRETS_DIR") else None,
             allow_network=env.get("CITADEL_ALLOW_NETWORK", "").lower() in ("1", "true", "yes"),
+            sandbox_packages=_paths(env["CITADEL_SANDBOX_PACKAGES"])
+            if "CITADEL_SANDBOX_PACKAGES" in env
+            else None,
+            sandbox_scratch_mb=int(env.get("CITADEL_SANDBOX_SCRATCH_MB", "64")),
+            sandbox_uid=int(env.get("CITADEL_SANDBOX_UID", "65534")),
             log_level=env.get("CITADEL_LOG_LEVEL", "WARNING"),
             log_format=env.get("CITADEL_LOG_FORMAT") or None,  # type: ignore[arg-type]
             traces=env.get("CITADEL_TRACES") or "off",
@@ -111,6 +129,11 @@ class Settings(BaseModel):
                 env.get("CITADEL_EGRESS_PRIVATE"), embedded=not env.get("CITADEL_KAFKA")
             ),
         )
+
+
+def _paths(value: str) -> list[Path]:
+    """`a:b` as [Path("a"), Path("b")]; an empty value is an empty list."""
+    return [Path(part) for part in value.split(os.pathsep) if part]
 
 
 def _egress_private(value: str | None, embedded: bool) -> bool:

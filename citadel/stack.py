@@ -127,6 +127,11 @@ def executor_registry(settings: Settings, secrets: SecretStore, bootstrap: str) 
             PythonExecutor(
                 max_concurrency=concurrency("python"),
                 allow_network=settings.allow_network,
+                packages=None
+                if settings.sandbox_packages is None
+                else [str(p) for p in settings.sandbox_packages],
+                scratch_bytes=settings.sandbox_scratch_mb * 2**20,
+                sandbox_uid=settings.sandbox_uid,
             ),
             JavaScriptExecutor(max_concurrency=concurrency("javascript")),
             HttpExecutor(secrets, max_concurrency=concurrency("http"), allow_private=settings.egress_private),

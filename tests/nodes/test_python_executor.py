@@ -559,3 +559,64 @@ async def test_registry_runs_python_nodes_end_to_end() -> None:
         await registry.stop()
 
     assert outcome.output == 2
+
+
+# What user code may import, and its scratch space
+
+
+async def test_user_code_imports_from_the_configured_package_directories_only(tmp_path: Path) -> None:
+    packages = tmp_path / "packages"
+    packages.mkdir()
+    (packages / "greeting.py").write_text("WORDS = 'hello from an allowed package'\n")
+    code = """\
+        import importlib
+
+        def main():
+            found = {}
+            for name in ("greeting", "orjson", "json"):
+                try:
+                    importlib.import_module(name)
+                    found[name] = "imported"
+                except ImportError as exc:
+                    found[name] = type(exc).__name__
+            import greeting
+            return [found, greeting.WORDS]
+        """
+    async with started(PythonExecutor(packages=[str(packages)])) as only_ours:
+        outcome = await only_ours.execute(make_task(code))
+
+    assert outcome.ok, outcome
+    found, words = outcome.output
+    # The engine's own packages (orjson) are not offered unless configured; the stdlib always is.
+    assert found == {"greeting": "imported", "orjson": "ModuleNotFoundError", "json": "imported"}
+    assert words == "hello from an allowed package"
+
+
+async def test_the_engines_own_packages_are_importable_by_default(executor: PythonExecutor) -> None:
+    outcome = await executor.execute(
+        make_task("import orjson\ndef main():\n    return orjson.dumps([1]).decode()")
+    )
+
+    assert outcome.ok, outcome
+    assert outcome.output == "[1]"
+
+
+async def test_filling_the_scratch_space_fails_the_attempt_naming_its_size() -> None:
+    code = """\
+        def main():
+            written = 0
+            with open("/tmp/fill", "wb") as file:
+                while True:
+                    file.write(b"x" * 2**20)
+                    file.flush()
+                    written += 1
+        """
+    async with started(PythonExecutor(scratch_bytes=8 * 2**20)) as small:
+        outcome = await small.execute(make_task(code))
+        after = await small.execute(make_task("def main():\n    return 'still serving'"))
+
+    assert outcome.error_class == "OSError"
+    assert (outcome.error_message or "").startswith(
+        "[Errno 28] No space left on device (the node's scratch space, /tmp, holds at most 8 MiB)"
+    )
+    assert after.output == "still serving"
