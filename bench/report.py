@@ -10,6 +10,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +80,31 @@ def versions() -> dict[str, str]:
     return found
 
 
-def git_commit() -> str:
+def git_commit(checkout: Path | None = None) -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=checkout or RESULTS.parent,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def calibration() -> dict[str, float]:
+    """A fixed pure-Python loop timed here and now, so figures of other days can be scaled."""
+
+    def fib(n: int) -> int:
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+    timings = []
+    for _ in range(5):
+        began = time.perf_counter()
+        fib(25)
+        timings.append((time.perf_counter() - began) * 1000)
+    return {"fib25_ms_median": statistics.median(timings), "fib25_ms_min": min(timings)}
 
 
 def write(name: str, settings: dict[str, Any], figures: dict[str, Any]) -> Path:
@@ -96,6 +115,7 @@ def write(name: str, settings: dict[str, Any], figures: dict[str, Any]) -> Path:
         "time": dt.datetime.now(dt.UTC).isoformat(),
         "commit": git_commit(),
         "machine": machine(),
+        "calibration": calibration(),
         "versions": versions(),
         "settings": settings,
         "figures": figures,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -16,13 +17,15 @@ from typing import Any
 
 import orjson
 
-from bench.report import summary, write
+from bench.report import git_commit, summary, write
 from citadel.runs import follow, start_command
 from citadel.settings import Settings
 from citadel.stack import Stack, running_stack
 from schemas.definition import parse_definition
 from streams.kafka import RUN_EVENTS
 from streams.watch import topic_reader
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 FIB = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
 
@@ -340,59 +343,62 @@ def _ts(value: str) -> float:
     return dt.datetime.fromisoformat(value).timestamp()
 
 
-async def sandbox(count: int = 1000) -> dict[str, Any]:
-    """Per-attempt cost of a python node that returns at once: sandboxed vs called in-process."""
-    from nodes.python import PythonExecutor
-    from schemas.tasks import NodeTask
+async def sandbox(count: int = 1000, rounds: int = 3, against: Path | None = None) -> dict[str, Any]:
+    """Per-attempt cost of a python node that returns at once: sandboxed vs called in-process.
 
+    With `against` (another checkout, e.g. a `git worktree` of an older commit), the same
+    attempts also run from that checkout's executor, round by round in turn with this one's,
+    so both sides see the same machine and the ratio is measured in one run.
+    """
+    sides = {"this": PROJECT_ROOT, **({"against": against.resolve()} if against is not None else {})}
+    samples: dict[str, list[float]] = {side: [] for side in sides}
+    for _ in range(rounds):
+        for side, root in sides.items():
+            samples[side] += await _probe_sandbox(root, count)
     code = "def main(x):\n    return x + 1\n"
-    executor = PythonExecutor(max_concurrency=1)
-    await executor.start()
-    try:
-
-        def task(i: int) -> NodeTask:
-            return NodeTask(
-                run_id="bench",
-                tenant="bench",
-                workflow="sandbox",
-                node_id="n",
-                node_type="python",
-                attempt=1,
-                attempt_id=f"bench:n:{i}",
-                config={"code": code},
-                inputs={"x": i},
-                timeout_seconds=10,
-            )
-
-        for i in range(50):  # warm the zygote's spare children
-            await executor.execute(task(i))
-        samples = []
-        for i in range(count):
-            began = time.perf_counter()
-            outcome = await executor.execute(task(i))
-            samples.append((time.perf_counter() - began) * 1000)
-            assert outcome.ok and outcome.output == i + 1, outcome
-    finally:
-        await executor.stop()
     namespace: dict[str, Any] = {}
     exec(compile(code, "<bench>", "exec"), namespace)  # the in-process baseline: trusted bench code
     began = time.perf_counter()
     for i in range(count):
         namespace["main"](i)
     in_process_ms = (time.perf_counter() - began) * 1000 / count
-    figures = {
-        "sandboxed_ms": summary(samples),
+    figures: dict[str, Any] = {
+        "sandboxed_ms": summary(samples["this"]),
         "in_process_ms": in_process_ms,
-        "overhead_ms_median": statistics.median(samples) - in_process_ms,
+        "overhead_ms_median": statistics.median(samples["this"]) - in_process_ms,
     }
+    if against is not None:
+        figures["against_sandboxed_ms"] = summary(samples["against"])
+        figures["ratio_to_against_median"] = statistics.median(samples["this"]) / statistics.median(
+            samples["against"]
+        )
     path = write(
         "sandbox",
         {
-            "attempts": count,
-            "isolation": executor.isolation,
+            "attempts": count * rounds,
+            "rounds": rounds,
+            "against": str(against) if against is not None else None,
+            "against_commit": git_commit(against) if against is not None else None,
             "node": "python, returns at once",
             "concurrency": 1,
         },
         figures,
     )
     return {"figures": figures, "path": str(path)}
+
+
+async def _probe_sandbox(root: Path, count: int) -> list[float]:
+    """Time `count` attempts of the executor in checkout `root`, in a process of its own."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(PROJECT_ROOT / "bench" / "sandbox_probe.py"),
+        str(root),
+        str(count),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=root,
+    )
+    stdout, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"the sandbox probe of {root} failed (exit status {process.returncode})")
+    samples: list[float] = json.loads(stdout)
+    return samples

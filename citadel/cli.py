@@ -544,6 +544,10 @@ def bench(
     runs: Annotated[int, typer.Option(help="throughput, lag: how many runs to start")] = 10_000,
     repeats: Annotated[int, typer.Option(help="chain40, long10: how many timed runs")] = 5,
     events: Annotated[int, typer.Option(help="replay: events in the store; timetravel: in the run")] = 0,
+    against: Annotated[
+        Path | None,
+        typer.Option(help="sandbox: another checkout (e.g. a git worktree) measured in turn with this one"),
+    ] = None,
 ) -> None:
     """Run a benchmark on the embedded stack; print a table and write bench/results/NAME.json."""
     if name not in BENCHMARKS:
@@ -553,7 +557,7 @@ def bench(
     settings = Settings.from_env()
     setup_logging(settings, serving=True)
     with exporting_traces(_span_exporter(settings)):
-        result = _bench(name, runs, repeats, events)
+        result = _bench(name, runs, repeats, events, against)
     table = Table(title=f"{name} ({result['path']})")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -562,7 +566,7 @@ def bench(
     out.print(table)
 
 
-def _bench(name: str, runs: int, repeats: int, events: int) -> dict[str, Any]:
+def _bench(name: str, runs: int, repeats: int, events: int, against: Path | None) -> dict[str, Any]:
     from bench import workloads
 
     if name == "chain40":
@@ -572,8 +576,9 @@ def _bench(name: str, runs: int, repeats: int, events: int) -> dict[str, Any]:
         with err.status(f"long10: {repeats} timed runs of 10 fib(33) nodes, each beside a plain loop…"):
             return asyncio.run(workloads.long10(repeats=repeats))
     elif name == "sandbox":
-        with err.status("sandbox: 1,000 sandboxed python attempts, then in-process…"):
-            return asyncio.run(workloads.sandbox())
+        sides = f", in turn with {against}" if against is not None else ""
+        with err.status(f"sandbox: 3 rounds of 1,000 sandboxed python attempts{sides}, then in-process…"):
+            return asyncio.run(workloads.sandbox(against=against))
     elif name == "subscription-lag":
         from bench.gateway import subscription_lag
 
