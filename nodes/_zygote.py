@@ -26,6 +26,7 @@ import builtins
 import contextlib
 import ctypes
 import errno
+import fcntl
 import gc
 import importlib
 import json
@@ -100,6 +101,9 @@ CAP_SETUID = 7
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
@@ -132,6 +136,9 @@ class ZygoteConfig:
     parent_pid: int = 0
     # Which executor this is, for `ps` (the engine's runtime directory; not used inside).
     label: str = ""
+    # Each attempt gets a network namespace of its own (only loopback), so no attempt can reach
+    # another's listening sockets; a networked zygote's attempts share its network instead.
+    private_network: bool = True
 
     @classmethod
     def parse(cls, text: str) -> ZygoteConfig:
@@ -424,19 +431,30 @@ def _enter_attempt_namespaces(config: ZygoteConfig) -> None:
     outer_uid, outer_gid = os.getuid(), os.getgid()
     # The new user namespace grants what mounting the attempt's own /tmp and /proc needs; its
     # uid is the sandbox's on the host, so the process limit applies per attempt.
-    _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID), "unshare(user, mount, pid)")
+    namespaces = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID
+    if config.private_network:
+        namespaces |= CLONE_NEWNET
+    _check(_libc.unshare(namespaces), "unshare(user, mount, pid, net)")
     with open("/proc/self/setgroups", "w") as setgroups:
         setgroups.write("deny")
     with open("/proc/self/uid_map", "w") as uid_map:
         uid_map.write(f"{ATTEMPT_UID} {outer_uid} 1")
     with open("/proc/self/gid_map", "w") as gid_map:
         gid_map.write(f"{ATTEMPT_UID} {outer_gid} 1")
+    if config.private_network:
+        _loopback_up()
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     options = f"size={config.scratch_bytes},nr_inodes={SCRATCH_INODES},mode=1777".encode()
     _mount(b"tmpfs", SCRATCH, b"tmpfs", MS_NOSUID | MS_NODEV, options)
     # /dev/shm is the other place any process may write: the same capped tmpfs.
     if os.path.isdir("/dev/shm"):
         _mount(SCRATCH.encode(), "/dev/shm", None, MS_BIND, None)
+
+
+def _loopback_up() -> None:
+    """A new network namespace's loopback starts down; the attempt's own servers need it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        fcntl.ioctl(probe, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", IFF_UP))
 
 
 def _fork_runner(config: ZygoteConfig, scratch: str) -> Runner:

@@ -114,6 +114,7 @@ class ZygoteProcess:
             # Inside the sandbox the engine's pid means nothing; --die-with-parent ties us to it.
             parent_pid=0 if self.allowed is not None else os.getpid(),
             label=str(self.runtime_dir),
+            private_network=not self.network,
         )
         zygote = [interpreter(), "-S", "-B", "-m", "nodes._zygote", config.dumps()]
         if self.bwrap is None or self.allowed is None:

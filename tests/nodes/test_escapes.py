@@ -622,6 +622,55 @@ async def test_a_tcp_connection_to_a_listening_local_server_is_refused(
     assert accepted == []
 
 
+async def test_an_attempt_cannot_reach_another_attempts_listening_sockets(engine: Engine) -> None:
+    """Each attempt has a network namespace of its own: a concurrent attempt's loopback port
+    and abstract Unix socket (which belongs to the network namespace) are out of reach."""
+    name = f"citadel-{uuid.uuid4().hex}"
+    port = 45678
+    listener = """\
+        import socket
+
+        def main(port, name):
+            tcp = socket.create_server(("127.0.0.1", port))
+            abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            abstract.bind("\\0" + name)
+            abstract.listen()
+            tcp.settimeout(1.5)
+            try:
+                tcp.accept()
+                return "someone connected"
+            except OSError:
+                return "nobody connected"
+        """
+    prober = """\
+        import socket
+
+        def main(port, name):
+            seen = {}
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                seen["tcp"] = "connected"
+            except OSError as exc:
+                seen["tcp"] = type(exc).__name__
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                client.connect("\\0" + name)
+                seen["abstract"] = "connected"
+            except OSError as exc:
+                seen["abstract"] = type(exc).__name__
+            return seen
+        """
+    inputs = {"port": port, "name": name}
+    listening = asyncio.create_task(run(engine, listener, inputs=inputs))
+    await asyncio.sleep(0.5)  # the listener is up well within this; its 1.5 s wait bounds the test
+    probe = await run(engine, prober, inputs=inputs)
+    listened = await listening
+
+    assert probe.ok, probe
+    assert probe.output == {"tcp": "ConnectionRefusedError", "abstract": "ConnectionRefusedError"}
+    assert listened.output == "nobody connected", listened
+
+
 async def test_network_true_is_refused_on_an_executor_without_network(engine: Engine) -> None:
     code = "def main():\n    return 'ran'"
     outcome = await run(engine, code, config={"network": True})
