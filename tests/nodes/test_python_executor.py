@@ -620,3 +620,40 @@ async def test_filling_the_scratch_space_fails_the_attempt_naming_its_size() -> 
         "[Errno 28] No space left on device (the node's scratch space, /tmp, holds at most 8 MiB)"
     )
     assert after.output == "still serving"
+
+
+async def test_a_networked_node_shares_the_hosts_network_and_others_stay_private() -> None:
+    """CITADEL_ALLOW_NETWORK is an opt-in with a price the README states: a node that asks for
+    network shares the host's, loopback included. A node that does not ask stays in a network
+    namespace of its own on the same executor."""
+    accepted: list[int] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    code = """\
+        import socket
+
+        def main(port):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                return "connected"
+            except OSError as exc:
+                return type(exc).__name__
+        """
+    try:
+        async with started(PythonExecutor(allow_network=True)) as networked:
+            reached = await networked.execute(
+                make_task(code, inputs={"port": port}, config={"network": True})
+            )
+            private = await networked.execute(make_task(code, inputs={"port": port}))
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert reached.output == "connected", reached
+    assert private.output == "ConnectionRefusedError", private
+    assert accepted == [1]
