@@ -133,7 +133,7 @@ def executor_registry(settings: Settings, secrets: SecretStore, bootstrap: str) 
                 scratch_bytes=settings.sandbox_scratch_mb * 2**20,
                 sandbox_uid=settings.sandbox_uid,
             ),
-            JavaScriptExecutor(max_concurrency=concurrency("javascript")),
+            JavaScriptExecutor(max_concurrency=concurrency("javascript"), sandbox_uid=settings.sandbox_uid),
             HttpExecutor(secrets, max_concurrency=concurrency("http"), allow_private=settings.egress_private),
             KafkaExecutor(bootstrap),
         ]

@@ -10,9 +10,11 @@ import ctypes
 import os
 import platform
 import resource
+import signal
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -21,6 +23,7 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 SECCOMP_MODE_FILTER = 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CLONE_NEWUSER = 0x10000000
 
 # Classic BPF, as seccomp takes it.
 BPF_LD_W_ABS = 0x20
@@ -186,9 +189,49 @@ def keep_capabilities(numbers: Iterable[int]) -> None:
     _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
-def set_dumpable() -> None:
-    """A process that changed its uid may write its own /proc/self/{uid,gid}_map again."""
-    _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies: our own code may never get to."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def enter_user_namespace(sandbox_uid: int, inside_uid: int, namespaces: int = 0) -> None:
+    """Become `sandbox_uid` if root, then `inside_uid` of a new user namespace of our own.
+
+    `namespaces` are further CLONE_NEW* flags, created with it (its privileges are what allow it).
+    """
+    if os.geteuid() == 0:
+        # Root's processes are exempt from RLIMIT_NPROC, and root could read what a bind reveals.
+        os.setgroups([])
+        os.setresgid(sandbox_uid, sandbox_uid, sandbox_uid)
+        os.setresuid(sandbox_uid, sandbox_uid, sandbox_uid)
+        set_dumpable()
+    outer_uid, outer_gid = os.getuid(), os.getgid()
+    # The namespace's uid is the sandbox's on the host, but the kernel counts the processes
+    # under RLIMIT_NPROC per user namespace: the limit binds this process, not every sandbox.
+    _check(_libc.unshare(CLONE_NEWUSER | namespaces), f"unshare({CLONE_NEWUSER | namespaces:#x})")
+    with open("/proc/self/setgroups", "w") as setgroups:
+        setgroups.write("deny")
+    with open("/proc/self/uid_map", "w") as uid_map:
+        uid_map.write(f"{inside_uid} {outer_uid} 1")
+    with open("/proc/self/gid_map", "w") as gid_map:
+        gid_map.write(f"{inside_uid} {outer_gid} 1")
+
+
+def set_dumpable(dumpable: bool = True) -> None:
+    """A process that changed its uid may write its own /proc/self/{uid,gid}_map again; one that
+    is not dumpable leaves no core dump, and only root may ptrace it or read its /proc files."""
+    _check(_libc.prctl(PR_SET_DUMPABLE, int(dumpable), 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+
+
+def confine(limits: Mapping[int, int]) -> None:
+    """The last steps before untrusted code runs, in the order that keeps each possible: lower
+    the resource `limits`, give up every privilege, then install the seccomp filter (if this
+    architecture has one)."""
+    for which, limit in limits.items():
+        lower_limit(which, limit)
+    drop_privileges()
+    if seccomp_supported():
+        install_seccomp()
 
 
 def lower_limit(which: int, limit: int) -> None:

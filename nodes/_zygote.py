@@ -99,7 +99,6 @@ CAP_KILL = 5
 CAP_SETGID = 6
 CAP_SETUID = 7
 CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 SIOCSIFFLAGS = 0x8914
@@ -196,11 +195,6 @@ def _check(result: int, what: str) -> None:
 
 def _mount(source: bytes | None, target: str, fstype: bytes | None, flags: int, data: bytes | None) -> None:
     _check(_libc.mount(source, os.fsencode(target), fstype, flags, data), f"mount on {target}")
-
-
-def _die_with_parent() -> None:
-    # The kernel, not our code, must clean up if the parent is SIGKILLed.
-    _check(_libc.prctl(1, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 
 
 @dataclass
@@ -342,7 +336,7 @@ def _send_ending(connection: socket.socket, status: int, stdout: str, stderr: st
 
 def serve(config: ZygoteConfig) -> NoReturn:
     """Start the zygote: tie it to the engine, scrub its environment, warm it up, serve."""
-    _die_with_parent()
+    _confine.die_with_parent()
     if config.parent_pid and os.getppid() != config.parent_pid:
         os._exit(0)
     if config.mount_proc:
@@ -392,7 +386,7 @@ def _spare(channel_fd: int, zygote_pid: int, config: ZygoteConfig) -> None:
     # descriptor numbers that this attempt has reused.
     gc.freeze()
     os.setsid()
-    _die_with_parent()
+    _confine.die_with_parent()
     if os.getppid() != zygote_pid:
         return
     _keep_only(channel_fd)
@@ -409,8 +403,12 @@ def _spare(channel_fd: int, zygote_pid: int, config: ZygoteConfig) -> None:
     connection = _receive_connection()
     if connection is None:
         return  # The zygote is shutting down; the runner dies with us.
-    connection.sendall(encode_frame(b'{"started":true}'))
-    request = recv_frame(connection.fileno())
+    try:
+        connection.sendall(encode_frame(b'{"started":true}'))
+        request = recv_frame(connection.fileno())
+    except (OSError, ConnectionClosed):
+        # An engine that gave up on a zygote which died left this connection in the backlog.
+        return
     if runner is None:
         detail = _failure("ExecutorError", f"could not set up the attempt: {setup_error}")
         connection.sendall(encode_frame(_with_streams(_reply(detail), "", "")))
@@ -422,25 +420,11 @@ def _spare(channel_fd: int, zygote_pid: int, config: ZygoteConfig) -> None:
 
 def _enter_attempt_namespaces(config: ZygoteConfig) -> None:
     """Become the attempt's unprivileged user in namespaces of its own, with a private /tmp."""
-    if os.geteuid() == 0:
-        # Root's processes are exempt from RLIMIT_NPROC, and root could read what a bind reveals.
-        os.setgroups([])
-        os.setresgid(config.sandbox_uid, config.sandbox_uid, config.sandbox_uid)
-        os.setresuid(config.sandbox_uid, config.sandbox_uid, config.sandbox_uid)
-        _confine.set_dumpable()
-    outer_uid, outer_gid = os.getuid(), os.getgid()
-    # The new user namespace grants what mounting the attempt's own /tmp and /proc needs; its
-    # uid is the sandbox's on the host, so the process limit applies per attempt.
-    namespaces = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID
+    # The new user namespace grants what mounting the attempt's own /tmp and /proc needs.
+    namespaces = CLONE_NEWNS | CLONE_NEWPID
     if config.private_network:
         namespaces |= CLONE_NEWNET
-    _check(_libc.unshare(namespaces), "unshare(user, mount, pid, net)")
-    with open("/proc/self/setgroups", "w") as setgroups:
-        setgroups.write("deny")
-    with open("/proc/self/uid_map", "w") as uid_map:
-        uid_map.write(f"{ATTEMPT_UID} {outer_uid} 1")
-    with open("/proc/self/gid_map", "w") as gid_map:
-        gid_map.write(f"{ATTEMPT_UID} {outer_gid} 1")
+    _confine.enter_user_namespace(config.sandbox_uid, ATTEMPT_UID, namespaces)
     if config.private_network:
         _loopback_up()
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
@@ -629,7 +613,7 @@ def _run_runner(
     exit_status = 1
     try:
         os.setsid()
-        _die_with_parent()
+        _confine.die_with_parent()
         for source, target in ((stdout_fd, 1), (stderr_fd, 2), (socket_fd, CONNECTION_FD)):
             os.dup2(source, target, inheritable=target != CONNECTION_FD)
         stdin = os.open(os.devnull, os.O_RDONLY)
@@ -666,13 +650,14 @@ def _confine_runner(config: ZygoteConfig, scratch: str) -> None:
     os.chdir(scratch)
     global _scratch_mib
     _scratch_mib = config.scratch_bytes // 2**20
-    _confine.lower_limit(resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT_BYTES)
-    _confine.lower_limit(resource.RLIMIT_AS, ADDRESS_SPACE_LIMIT_BYTES)
-    _confine.lower_limit(resource.RLIMIT_NPROC, PROCESS_COUNT_LIMIT)
-    _confine.lower_limit(resource.RLIMIT_NOFILE, OPEN_FILES_LIMIT)
-    _confine.drop_privileges()
-    if _confine.seccomp_supported():
-        _confine.install_seccomp()
+    _confine.confine(
+        {
+            resource.RLIMIT_FSIZE: FILE_SIZE_LIMIT_BYTES,
+            resource.RLIMIT_AS: ADDRESS_SPACE_LIMIT_BYTES,
+            resource.RLIMIT_NPROC: PROCESS_COUNT_LIMIT,
+            resource.RLIMIT_NOFILE: OPEN_FILES_LIMIT,
+        }
+    )
 
 
 # For the hint on a full scratch space; set once the runner knows its configuration.

@@ -12,21 +12,21 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from nodes import _confine, _zygote
 from nodes.sandbox import (
+    ISOLATION_SETTING_HINT,
     SANDBOX_ROOT,
     Isolation,
-    SandboxUnavailable,
     allow_list,
     bubblewrap_command,
+    bubblewrap_unless_rlimits,
     default_packages,
     interpreter,
     privileged,
-    probe_bubblewrap,
 )
 from schemas.tasks import NodeOutcome, NodeTask
 
@@ -126,6 +126,27 @@ class ZygoteProcess:
         environment = _zygote.kept_environment(dict(os.environ))
         environment["PYTHONPATH"] = SANDBOX_ROOT if self.allowed is not None else str(PROJECT_ROOT)
         return environment
+
+    async def unless_it_exits(self, receiving: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+        """What `receiving` gets, or ConnectionClosed if the zygote exits first.
+
+        The engine owns the listening socket, so a connection to a dead zygote is accepted by the
+        kernel and would wait in the backlog: only the zygote's exit tells that nobody will answer.
+        """
+        process = self._process
+        if process is None:
+            raise _zygote.ConnectionClosed("the zygote is not running")
+        answer = asyncio.ensure_future(receiving)
+        exit_ = asyncio.ensure_future(process.wait())
+        try:
+            await asyncio.wait({answer, exit_}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exit_.cancel()
+            if not answer.done():
+                answer.cancel()
+        if answer.done() and not answer.cancelled():
+            return answer.result()
+        raise _zygote.ConnectionClosed(f"the zygote exited (status {process.returncode}) before it answered")
 
     async def ensure_running(self) -> int:
         """Launch the zygote if it is not running; return the generation to pass to `restart`."""
@@ -346,20 +367,14 @@ class PythonExecutor:
 
     async def _sandbox(self) -> str | None:
         """The bwrap to run under, or None once rlimits-only isolation was accepted."""
-        try:
-            bwrap = await probe_bubblewrap()
-        except SandboxUnavailable as exc:
-            if self.isolation == "bubblewrap":
-                raise
-            logger.warning(
-                "the python executor runs user code with rlimits only, without namespaces "
-                "(isolation=%r was set): nodes can read what the engine's user can read and "
-                "reach the network. %s",
-                self.isolation,
-                exc.reason,
-            )
-            return None
-        self.sandboxed = True
+        bwrap = await bubblewrap_unless_rlimits(
+            self.isolation,
+            "python",
+            ISOLATION_SETTING_HINT,
+            "user code",
+            "nodes can read what the engine's user can read and reach the network",
+        )
+        self.sandboxed = bwrap is not None
         return bwrap
 
     async def _start_zygote(self, bwrap: str | None, network: bool) -> ZygoteProcess:
@@ -483,7 +498,7 @@ class PythonExecutor:
             try:
                 await connection.connect(zygote.socket_path)
                 await connection.send(request)
-                hello = await connection.receive(self._reply_limit)
+                hello = await zygote.unless_it_exits(connection.receive(self._reply_limit))
             except (OSError, _zygote.ConnectionClosed, MalformedReply):
                 connection.close()
                 await zygote.restart(generation)

@@ -14,6 +14,7 @@ no secrets directory, no socket.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import sys
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+logger = logging.getLogger(__name__)
+
 Isolation = Literal["bubblewrap", "rlimits"]
 ISOLATION_SETTING_HINT = 'PythonExecutor(isolation="rlimits")'
 PROBE_TIMEOUT_SECONDS = 5.0
@@ -30,7 +33,7 @@ PROBE_TIMEOUT_SECONDS = 5.0
 NODES_DIR = Path(__file__).resolve().parent
 # The sandbox's own modules (standard library only), at /citadel/nodes inside.
 SANDBOX_ROOT = "/citadel"
-SANDBOX_MODULES = ("__init__.py", "_zygote.py", "_confine.py")
+SANDBOX_MODULES = ("__init__.py", "_zygote.py", "_confine.py", "_v8worker.py")
 # Package directories appear inside as /citadel/packages/0, /citadel/packages/1, ...
 SANDBOX_PACKAGES = f"{SANDBOX_ROOT}/packages"
 # The operating system: programs and the shared libraries they load.
@@ -57,13 +60,13 @@ PRIVILEGED_CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KIL
 
 
 class SandboxUnavailable(RuntimeError):
-    """Bubblewrap cannot create the namespaces the python executor's sandbox needs."""
+    """Bubblewrap cannot create the namespaces an executor's sandbox needs."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, executor: str = "python", setting: str = ISOLATION_SETTING_HINT) -> None:
         super().__init__(
-            f"the python executor cannot sandbox user code: {reason}. Install bubblewrap and "
+            f"the {executor} executor cannot sandbox user code: {reason}. Install bubblewrap and "
             "allow unprivileged user namespaces, or accept rlimits-only isolation (user code "
-            f"then runs without namespaces) with {ISOLATION_SETTING_HINT}"
+            f"then runs without namespaces) with {setting}"
         )
         self.reason = reason
 
@@ -130,16 +133,27 @@ def privileged() -> bool:
     return os.geteuid() == 0
 
 
-def bubblewrap_command(bwrap: str, allowed: AllowList, network: bool) -> list[str]:
-    """Arguments that run a command under bwrap in a filesystem of exactly `allowed`."""
+def bubblewrap_command(
+    bwrap: str,
+    allowed: AllowList,
+    network: bool,
+    capabilities: Sequence[str] = PRIVILEGED_CAPABILITIES,
+    mounts_proc: bool = True,
+) -> list[str]:
+    """Arguments that run a command under bwrap in a filesystem of exactly `allowed`.
+
+    Started by root, the command keeps `capabilities` (the zygote's by default) and, if it
+    `mounts_proc` itself (the zygote, whose attempts nest PID namespaces), no /proc from bwrap.
+    """
     command = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try"]
     if not network:
         command.append("--unshare-net")
     if privileged():
         # No user namespace of bubblewrap's: the zygote, root in this sandbox only, makes each
-        # attempt one as the unprivileged sandbox uid. It mounts /proc itself, because a nested
-        # namespace may not mount a /proc that bubblewrap has partly covered.
-        for capability in PRIVILEGED_CAPABILITIES:
+        # attempt one as the unprivileged sandbox uid (the JavaScript worker, one for itself). The
+        # zygote mounts /proc itself, because a nested namespace may not mount a /proc that
+        # bubblewrap has partly covered.
+        for capability in capabilities:
             command += ["--cap-add", capability]
     else:
         command.append("--unshare-user")
@@ -156,7 +170,7 @@ def bubblewrap_command(bwrap: str, allowed: AllowList, network: bool) -> list[st
     for target, link in allowed.links:
         command += ["--symlink", target, link]
     command += ["--dev", "/dev"]
-    command += ["--dir", "/proc"] if privileged() else ["--proc", "/proc"]
+    command += ["--dir", "/proc"] if privileged() and mounts_proc else ["--proc", "/proc"]
     command += ["--size", str(ZYGOTE_TMP_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp"]
     return command
 
@@ -180,6 +194,27 @@ async def probe_bubblewrap() -> str:
         detail = stderr.decode(errors="replace").strip() or f"exit status {process.returncode}"
         raise SandboxUnavailable(f"`{' '.join(command)}` failed: {detail}")
     return bwrap
+
+
+async def bubblewrap_unless_rlimits(
+    isolation: Isolation, executor: str, setting: str, runs: str, exposure: str
+) -> str | None:
+    """The bwrap the `executor` sandboxes with; None where it cannot run and `isolation` accepts
+    rlimits only, logged as a warning of what then `runs` unsandboxed and its `exposure`."""
+    try:
+        return await probe_bubblewrap()
+    except SandboxUnavailable as exc:
+        if isolation == "bubblewrap":
+            raise SandboxUnavailable(exc.reason, executor, setting) from None
+        logger.warning(
+            "the %s executor runs %s with rlimits only, without namespaces (isolation=%r was set): %s. %s",
+            executor,
+            runs,
+            isolation,
+            exposure,
+            exc.reason,
+        )
+        return None
 
 
 def _is_within(path: str, parent: str) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,3 +53,13 @@ def runs_command(marker: str) -> bool:
         except OSError:
             continue
     return False
+
+
+async def eventually(condition: Callable[[], bool], within: float = 5.0) -> bool:
+    """Whether `condition` holds within `within` seconds: a wait for a state, not for a time."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()

@@ -21,7 +21,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ import pytest_asyncio
 
 from nodes.python import PythonExecutor
 from schemas.tasks import NodeOutcome, NodeTask
-from tests.nodes.support import make_task, started
+from tests.nodes.support import eventually, make_task, started
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 OUTPUT_CAP = 16 * 1024
@@ -224,15 +224,6 @@ def leaked_entries(host_dir: Path, seen: object) -> set[str]:
         if path != host_dir and path.is_relative_to(host_dir)
     }
     return (set(seen) & set(os.listdir(host_dir))) - on_the_way
-
-
-async def eventually(condition: Callable[[], bool], within: float = 3.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.05)
-    return condition()
 
 
 # Findings of the deny-list sandbox
