@@ -94,6 +94,10 @@ SCRATCH_INODES = 4096
 SCRATCH = "/tmp"
 # User code's uid and gid inside its own user namespace.
 ATTEMPT_UID = 1000
+# Where the sandbox's cgroups are (see `nodes.cgroups`); no attempt sees it.
+CGROUP_INSIDE = "/citadel/cgroup"
+# One core's worth of CPU time per period, whatever the attempt forks.
+CPU_PERIOD_MICROSECONDS = 100_000
 
 CAP_KILL = 5
 CAP_SETGID = 6
@@ -103,6 +107,7 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
+MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
@@ -138,15 +143,39 @@ class ZygoteConfig:
     # Each attempt gets a network namespace of its own (only loopback), so no attempt can reach
     # another's listening sockets; a networked zygote's attempts share its network instead.
     private_network: bool = True
+    # Cgroups delegated to this sandbox (`nodes.cgroups`): version 1 or 2, and their controllers
+    # at CGROUP_INSIDE; version 0 for none.
+    cgroup_version: int = 0
+    cgroup_controllers: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> ZygoteConfig:
         values = json.loads(text)
-        values["packages"] = tuple(values.get("packages", ()))
+        for name in ("packages", "cgroup_controllers"):
+            values[name] = tuple(values.get(name, ()))
         return cls(**values)
 
     def dumps(self) -> str:
-        return json.dumps({**self.__dict__, "packages": list(self.packages)})
+        return json.dumps(
+            {
+                **self.__dict__,
+                "packages": list(self.packages),
+                "cgroup_controllers": list(self.cgroup_controllers),
+            }
+        )
+
+    @property
+    def memory_bytes(self) -> int:
+        """What an attempt's cgroup may hold: its address space's worth, and its scratch tmpfs."""
+        return ADDRESS_SPACE_LIMIT_BYTES + self.scratch_bytes
+
+    def cgroup_directories(self, pid: int) -> list[str]:
+        """The cgroup directories of the attempt a spare of this pid serves, inside the sandbox."""
+        if self.cgroup_version == 1:
+            return [f"{CGROUP_INSIDE}/{controller}/{pid}" for controller in self.cgroup_controllers]
+        if self.cgroup_version == 2:
+            return [f"{CGROUP_INSIDE}/{pid}"]
+        return []
 
 
 def kept_environment(environ: dict[str, str]) -> dict[str, str]:
@@ -217,6 +246,8 @@ class Zygote:
         # Attempt connections, by descriptor: the engine hangs up on one to have it killed.
         self.hang_ups: dict[int, Child] = {}
         self.spares: list[Child] = []
+        # Cgroups of ended attempts whose last process was still leaving; removed later.
+        self.stale_cgroups: list[str] = []
         self.poller = select.poll()
         self.listener = socket.socket(fileno=config.listen_fd)
 
@@ -241,6 +272,7 @@ class Zygote:
                 elif fd in self.children:
                     # An event on a connection closed earlier in this round is stale.
                     self._finish(self.children.pop(fd))
+            self._remove_cgroups()
             self._top_up_spares()
 
     def _accept(self) -> None:
@@ -318,9 +350,22 @@ class Zygote:
             if status != 0:
                 _send_ending(child.connection, status, "", "")
             child.connection.close()
+        self.stale_cgroups += self.config.cgroup_directories(child.pid)
+
+    def _remove_cgroups(self) -> None:
+        """Remove ended attempts' cgroups; one whose processes are still leaving waits a round."""
+        remaining = []
+        for directory in self.stale_cgroups:
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                remaining.append(directory)
+        self.stale_cgroups = remaining
 
 
-def _send_ending(connection: socket.socket, status: int, stdout: str, stderr: str) -> None:
+def _send_ending(connection: socket.socket, status: int, stdout: str, stderr: str, oom: bool = False) -> None:
     ending: dict[str, Any] = (
         {"exit": "signal", "signal": os.WTERMSIG(status)}
         if os.WIFSIGNALED(status)
@@ -328,6 +373,8 @@ def _send_ending(connection: socket.socket, status: int, stdout: str, stderr: st
     )
     ending["stdout"] = stdout
     ending["stderr"] = stderr
+    if oom:
+        ending["oom"] = True
     # The engine may already have its reply and have hung up; then nobody needs this.
     with contextlib.suppress(OSError):
         connection.settimeout(REPORT_SEND_TIMEOUT_SECONDS)
@@ -394,7 +441,9 @@ def _spare(channel_fd: int, zygote_pid: int, config: ZygoteConfig) -> None:
     setup_error: OSError | None = None
     # Without namespaces the attempt works in a directory of the host's; see `isolation`.
     scratch = SCRATCH if config.isolate else tempfile.mkdtemp(prefix="citadel-attempt-")
+    memory_cgroup: int | None = None
     try:
+        memory_cgroup = _join_cgroups(config)
         if config.isolate:
             _enter_attempt_namespaces(config)
         runner = _fork_runner(config, scratch)
@@ -413,7 +462,7 @@ def _spare(channel_fd: int, zygote_pid: int, config: ZygoteConfig) -> None:
         detail = _failure("ExecutorError", f"could not set up the attempt: {setup_error}")
         connection.sendall(encode_frame(_with_streams(_reply(detail), "", "")))
         return
-    _supervise(runner, connection, request, config)
+    _supervise(runner, connection, request, config, memory_cgroup)
     if not config.isolate:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -428,11 +477,75 @@ def _enter_attempt_namespaces(config: ZygoteConfig) -> None:
     if config.private_network:
         _loopback_up()
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
+    if config.cgroup_version:
+        # Joined already; the attempt must not see, let alone change, its own limits.
+        _mount(b"tmpfs", CGROUP_INSIDE, b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k")
     options = f"size={config.scratch_bytes},nr_inodes={SCRATCH_INODES},mode=1777".encode()
     _mount(b"tmpfs", SCRATCH, b"tmpfs", MS_NOSUID | MS_NODEV, options)
     # /dev/shm is the other place any process may write: the same capped tmpfs.
     if os.path.isdir("/dev/shm"):
         _mount(SCRATCH.encode(), "/dev/shm", None, MS_BIND, None)
+
+
+def _join_cgroups(config: ZygoteConfig) -> int | None:
+    """Put this spare, and so its attempt, in cgroups of its own with the attempt's limits.
+
+    Done as root, before becoming the sandbox uid: the cgroups' files stay root's, so user code
+    cannot raise its limits. Returns a descriptor of the memory cgroup, to read its OOM kills.
+    """
+    memory = None
+    for directory in config.cgroup_directories(os.getpid()):
+        os.makedirs(directory, exist_ok=True)
+        for name, value, required in _cgroup_limits(config):
+            path = os.path.join(directory, name)
+            if os.path.exists(path):
+                try:
+                    with open(path, "w") as file:
+                        file.write(value)
+                except OSError:
+                    if required:
+                        raise
+        with open(os.path.join(directory, "cgroup.procs"), "w") as procs:
+            procs.write("0")
+        if any(
+            os.path.exists(os.path.join(directory, name)) for name in ("memory.oom_control", "memory.events")
+        ):
+            memory = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    return memory
+
+
+def _cgroup_limits(config: ZygoteConfig) -> list[tuple[str, str, bool]]:
+    """(file, value, required) for cgroup v1 and v2 alike; a file the version lacks is skipped.
+
+    Swap limits are not required: the kernel offers them only with swap accounting on.
+    """
+    memory = str(config.memory_bytes)
+    return [
+        ("pids.max", str(PROCESS_COUNT_LIMIT), True),
+        ("memory.limit_in_bytes", memory, True),
+        ("memory.memsw.limit_in_bytes", memory, False),
+        ("memory.max", memory, True),
+        ("memory.swap.max", "0", False),
+        ("cpu.cfs_period_us", str(CPU_PERIOD_MICROSECONDS), True),
+        ("cpu.cfs_quota_us", str(CPU_PERIOD_MICROSECONDS), True),
+        ("cpu.max", f"{CPU_PERIOD_MICROSECONDS} {CPU_PERIOD_MICROSECONDS}", True),
+    ]
+
+
+def _out_of_memory(memory_cgroup: int | None) -> bool:
+    """Whether the kernel killed a process of the attempt for its cgroup's memory limit."""
+    if memory_cgroup is None:
+        return False
+    for name in ("memory.oom_control", "memory.events"):
+        try:
+            with open(os.open(name, os.O_RDONLY, dir_fd=memory_cgroup)) as file:
+                for line in file:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill" and int(value) > 0:
+                        return True
+        except OSError:
+            continue
+    return False
 
 
 def _loopback_up() -> None:
@@ -454,7 +567,9 @@ def _fork_runner(config: ZygoteConfig, scratch: str) -> Runner:
     return Runner(pid, os.pidfd_open(pid), ours, {stdout_read: bytearray(), stderr_read: bytearray()})
 
 
-def _supervise(runner: Runner, connection: socket.socket, request: bytes, config: ZygoteConfig) -> None:
+def _supervise(
+    runner: Runner, connection: socket.socket, request: bytes, config: ZygoteConfig, memory_cgroup: int | None
+) -> None:
     """Hand the request over, gather output, and answer the engine with the result or the end."""
     result_cap = int(json.loads(request)["result_cap_bytes"])
     poller = select.poll()
@@ -484,7 +599,7 @@ def _supervise(runner: Runner, connection: socket.socket, request: bytes, config
                     pass
         reply = _complete_frame(frame, result_cap + REPLY_OVERHEAD_BYTES)
     if reply is None:
-        _report_end(runner, connection, cap)
+        _report_end(runner, connection, cap, memory_cgroup)
         return
     # The runner wrote its output before its result: what is in the pipes now is all of it.
     for fd in runner.streams:
@@ -497,7 +612,7 @@ def _supervise(runner: Runner, connection: socket.socket, request: bytes, config
     _kill_group(runner.pid)
 
 
-def _report_end(runner: Runner, connection: socket.socket, cap: int) -> None:
+def _report_end(runner: Runner, connection: socket.socket, cap: int, memory_cgroup: int | None) -> None:
     """The runner ended without a result: say how, with what it printed."""
     _kill_group(runner.pid)
     _, status = os.waitpid(runner.pid, 0)
@@ -506,10 +621,8 @@ def _report_end(runner: Runner, connection: socket.socket, cap: int) -> None:
         readable, _, _ = select.select([fd], [], [], LEFTOVER_OUTPUT_SECONDS)
         while readable and _gather(fd, buffer, cap):
             readable, _, _ = select.select([fd], [], [], LEFTOVER_OUTPUT_SECONDS)
-    stdout_fd, stderr_fd = runner.streams
-    _send_ending(
-        connection, status, _text(runner.streams[stdout_fd], cap), _text(runner.streams[stderr_fd], cap)
-    )
+    stdout, stderr = (_text(buffer, cap) for buffer in runner.streams.values())
+    _send_ending(connection, status, stdout, stderr, oom=_out_of_memory(memory_cgroup))
 
 
 def _receive(channel: socket.socket, frame: bytearray) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes import _confine, _zygote
+from nodes.cgroups import Delegation, delegate
 from nodes.sandbox import (
     ISOLATION_SETTING_HINT,
     SANDBOX_ROOT,
@@ -39,6 +40,8 @@ ZYGOTE_STOP_TIMEOUT_SECONDS = 2.0
 ENDING_REPORT_TIMEOUT_SECONDS = 1.0
 # Room in a reply frame for the envelope and an error message, beyond the result itself.
 REPLY_OVERHEAD_BYTES = 1024 * 1024
+# How long a stopped zygote's cgroups may take to empty before they are left behind.
+CGROUP_REMOVAL_SECONDS = 2.0
 # Who user code runs as on the host when the engine runs as root (nobody).
 DEFAULT_SANDBOX_UID = 65534
 # sun_path holds 108 bytes, including the terminating NUL.
@@ -93,6 +96,7 @@ class ZygoteProcess:
         self.output_cap_bytes = output_cap_bytes
         self.generation = 0
         self.allowed = allow_list(self.packages, network) if bwrap is not None else None
+        self.cgroups: Delegation | None = None
         self._listener: socket.socket | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
@@ -115,11 +119,14 @@ class ZygoteProcess:
             parent_pid=0 if self.allowed is not None else os.getpid(),
             label=str(self.runtime_dir),
             private_network=not self.network,
+            cgroup_version=self.cgroups.version if self.cgroups is not None else 0,
+            cgroup_controllers=self.cgroups.controllers if self.cgroups is not None else (),
         )
         zygote = [interpreter(), "-S", "-B", "-m", "nodes._zygote", config.dumps()]
         if self.bwrap is None or self.allowed is None:
             return zygote
-        return [*bubblewrap_command(self.bwrap, self.allowed, self.network), *zygote]
+        writable = self.cgroups.directories if self.cgroups is not None else ()
+        return [*bubblewrap_command(self.bwrap, self.allowed, self.network, writable=writable), *zygote]
 
     def environment(self) -> dict[str, str]:
         """Only basics: the zygote's initial environment stays readable in /proc by its children."""
@@ -168,6 +175,11 @@ class ZygoteProcess:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+            if self.cgroups is not None:
+                deadline = time.monotonic() + CGROUP_REMOVAL_SECONDS
+                while not self.cgroups.remove() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                self.cgroups = None
 
     def _listening(self) -> socket.socket:
         if self._listener is None:
@@ -181,6 +193,8 @@ class ZygoteProcess:
 
     async def _launch(self) -> None:
         listener = self._listening()
+        if self.allowed is not None and self.cgroups is None:
+            self.cgroups = delegate(self.runtime_dir.name)
         command = self.command(listener.fileno())
         process = await asyncio.create_subprocess_exec(
             *command,
@@ -362,7 +376,17 @@ class PythonExecutor:
             f"sandboxes each attempt with bubblewrap: it sees only {zygote.allowed.describe()}, "
             f"a {self.scratch_bytes // 2**20} MiB private /tmp, its own /proc and a minimal /dev; "
             f"it runs as {who} in its own user, mount and PID namespaces, without capabilities, "
-            f"with no_new_privs and {seccomp}, and with {limits}; cgroup controllers are not used"
+            f"with no_new_privs and {seccomp}, and with {limits}; {self._cgroup_limits(zygote)}"
+        )
+
+    def _cgroup_limits(self, zygote: ZygoteProcess) -> str:
+        if zygote.cgroups is None:
+            return "no cgroups (the engine cannot create them here): memory is bounded per process"
+        return (
+            f"and in cgroups (v{zygote.cgroups.version}) of its own: at most "
+            f"{_zygote.PROCESS_COUNT_LIMIT} processes, "
+            f"{(_zygote.ADDRESS_SPACE_LIMIT_BYTES + self.scratch_bytes) // 2**20} MiB of memory "
+            "for all of them and its /tmp, one core of CPU"
         )
 
     async def _sandbox(self) -> str | None:
@@ -545,6 +569,16 @@ class PythonExecutor:
         stderr = str(reply.get("stderr", ""))
         if reply.get("ok") is True:
             return NodeOutcome.success(reply.get("output"), 0.0, stdout, stderr)
+        if reply.get("oom") is True:
+            return NodeOutcome.failure(
+                "MemoryLimit",
+                f"node {task.node_id!r} and its processes used more than the "
+                f"{(_zygote.ADDRESS_SPACE_LIMIT_BYTES + self.scratch_bytes) // 2**20} MiB of memory an "
+                "attempt may hold (its /tmp included) and the kernel killed it; use less memory, "
+                "or process the data in smaller pieces",
+                stdout=stdout,
+                stderr=stderr,
+            )
         if reply.get("ok") is False:
             return NodeOutcome.failure(
                 str(reply.get("error_class")),

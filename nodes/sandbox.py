@@ -139,6 +139,7 @@ def bubblewrap_command(
     network: bool,
     capabilities: Sequence[str] = PRIVILEGED_CAPABILITIES,
     mounts_proc: bool = True,
+    writable: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
     """Arguments that run a command under bwrap in a filesystem of exactly `allowed`.
 
@@ -160,13 +161,16 @@ def bubblewrap_command(
     command += ["--die-with-parent", "--new-session"]
     # Directories bubblewrap makes on the way to a bind would be private to it otherwise.
     made: set[str] = {"/"}
-    for _, inside in allowed.binds:
+    for _, inside in [*allowed.binds, *writable]:
         for parent in reversed(Path(inside).parents):
             if str(parent) not in made:
                 made.add(str(parent))
                 command += ["--perms", "0755", "--dir", str(parent)]
     for host, inside in allowed.binds:
         command += ["--ro-bind", host, inside]
+    # The sandbox's delegated cgroups (`nodes.cgroups`): the zygote hides them from attempts.
+    for host, inside in writable:
+        command += ["--bind", host, inside]
     for target, link in allowed.links:
         command += ["--symlink", target, link]
     command += ["--dev", "/dev"]

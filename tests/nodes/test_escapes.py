@@ -24,7 +24,7 @@ import pytest_asyncio
 
 from nodes.python import PythonExecutor
 from schemas.tasks import NodeOutcome, NodeTask
-from tests.nodes.support import make_task, runs_command, started
+from tests.nodes.support import eventually, make_task, runs_command, started
 
 
 def attack(code: str, **fields: Any) -> NodeTask:
@@ -130,15 +130,6 @@ def largest_attempt_namespace(engine: Engine) -> int:
         except (OSError, StopIteration):
             continue
     return max(sizes.values(), default=0)
-
-
-async def eventually(condition: Any, within: float = 3.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(condition())
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -258,6 +249,88 @@ async def test_forking_stops_at_the_process_limit(engine: Engine) -> None:
     forked, error = outcome.output
     assert error == "BlockingIOError"
     assert forked < 64
+
+
+def attempt_cgroups(pid: int) -> dict[str, Path]:
+    """The cgroup directory of a host process per controller (v1), as the host sees them."""
+    found = {}
+    mounts = {"pids": "/sys/fs/cgroup/pids", "memory": "/sys/fs/cgroup/memory", "cpu": "/sys/fs/cgroup/cpu"}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(","):
+            if controller in mounts:
+                found[controller] = Path(mounts[controller] + path)
+    return found
+
+
+def needs_cgroups(engine: Engine) -> None:
+    zygote = engine.executor._zygote
+    if zygote is None or zygote.cgroups is None or zygote.cgroups.version != 1:
+        pytest.skip("the engine cannot create cgroup v1 directories here (not root, or no v1 hierarchy)")
+
+
+async def test_an_attempt_runs_in_cgroups_of_its_own_with_its_limits(engine: Engine) -> None:
+    """Read from the host: the attempt's processes are in cgroups no other attempt shares,
+    bounding their number, their memory together and their CPU to one core."""
+    needs_cgroups(engine)
+    marker = f"30.{uuid.uuid4().int % 10_000:04d}7"
+    code = """\
+        import os, subprocess, time
+
+        def main(marker):
+            sleeper = subprocess.Popen(["sleep", marker])
+            time.sleep(1.5)
+            sleeper.kill()
+            return os.listdir("/citadel/cgroup")
+        """
+    running = asyncio.create_task(run(engine, code, inputs={"marker": marker}))
+    assert await eventually(lambda: runs_command(marker))
+    pid = next(
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes()
+    )
+    cgroups = attempt_cgroups(pid)
+    limits = {
+        "pids": (cgroups["pids"] / "pids.max").read_text().strip(),
+        "memory": int((cgroups["memory"] / "memory.limit_in_bytes").read_text()),
+        "cpu": (cgroups["cpu"] / "cpu.cfs_quota_us").read_text().strip(),
+        "period": (cgroups["cpu"] / "cpu.cfs_period_us").read_text().strip(),
+    }
+    outcome = await running
+
+    assert outcome.ok, outcome
+    assert limits == {"pids": "64", "memory": (1024 + 64) * 2**20, "cpu": "100000", "period": "100000"}
+    # Its own: named after the attempt's supervising process, below this sandbox's cgroup.
+    assert cgroups["pids"].parent.name.startswith("citadel-python-")
+    # And the attempt cannot see them, let alone change them: its view of them is empty.
+    assert outcome.output == []
+
+
+async def test_processes_that_together_pass_the_memory_limit_are_killed_by_the_kernel(
+    engine: Engine,
+) -> None:
+    """Each process stays under its own address-space limit; together they pass the attempt's
+    memory limit, and the cgroup stops them (on 24 GB the host would have let them run)."""
+    needs_cgroups(engine)
+    code = """\
+        import os, time
+
+        def main():
+            child = os.fork()
+            if child == 0:
+                hoard = bytearray(400 * 2**20)
+                time.sleep(10)
+                os._exit(0)
+            time.sleep(0.5)
+            hoard = bytearray(900 * 2**20)
+            os.waitpid(child, 0)
+            return "both ran to the end"
+        """
+    outcome = await run(engine, code, timeout_seconds=8.0)
+
+    assert outcome.error_class == "MemoryLimit", outcome
+    assert "more than the 1088 MiB of memory an attempt may hold" in (outcome.error_message or "")
 
 
 async def test_allocating_far_past_the_memory_limit_fails_with_memory_error(engine: Engine) -> None:
