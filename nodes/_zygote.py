@@ -98,6 +98,8 @@ ATTEMPT_UID = 1000
 CGROUP_INSIDE = "/citadel/cgroup"
 # One core's worth of CPU time per period, whatever the attempt forks.
 CPU_PERIOD_MICROSECONDS = 100_000
+# Where v1 and v2 memory cgroups count their OOM kills.
+OOM_COUNTERS = ("memory.oom_control", "memory.events")
 
 CAP_KILL = 5
 CAP_SETGID = 6
@@ -169,12 +171,12 @@ class ZygoteConfig:
         """What an attempt's cgroup may hold: its address space's worth, and its scratch tmpfs."""
         return ADDRESS_SPACE_LIMIT_BYTES + self.scratch_bytes
 
-    def cgroup_directories(self, pid: int) -> list[str]:
-        """The cgroup directories of the attempt a spare of this pid serves, inside the sandbox."""
+    def cgroup_directories(self, slot: int) -> list[str]:
+        """The cgroup directories of one attempt slot, inside the sandbox."""
         if self.cgroup_version == 1:
-            return [f"{CGROUP_INSIDE}/{controller}/{pid}" for controller in self.cgroup_controllers]
+            return [f"{CGROUP_INSIDE}/{controller}/{slot}" for controller in self.cgroup_controllers]
         if self.cgroup_version == 2:
-            return [f"{CGROUP_INSIDE}/{pid}"]
+            return [f"{CGROUP_INSIDE}/{slot}"]
         return []
 
 
@@ -233,6 +235,7 @@ class Child:
     pid: int
     pidfd: int
     channel: socket.socket | None
+    cgroup_slot: int | None = None
     connection: socket.socket | None = None
 
 
@@ -246,8 +249,11 @@ class Zygote:
         # Attempt connections, by descriptor: the engine hangs up on one to have it killed.
         self.hang_ups: dict[int, Child] = {}
         self.spares: list[Child] = []
-        # Cgroups of ended attempts whose last process was still leaving; removed later.
-        self.stale_cgroups: list[str] = []
+        # Attempt cgroups are made once and reused (making and removing a memory cgroup is dear):
+        # free ones, and those of ended attempts whose last process may still be leaving.
+        self.free_cgroup_slots: list[int] = []
+        self.draining_cgroup_slots: list[int] = []
+        self.cgroup_slots = 0
         self.poller = select.poll()
         self.listener = socket.socket(fileno=config.listen_fd)
 
@@ -272,7 +278,6 @@ class Zygote:
                 elif fd in self.children:
                     # An event on a connection closed earlier in this round is stale.
                     self._finish(self.children.pop(fd))
-            self._remove_cgroups()
             self._top_up_spares()
 
     def _accept(self) -> None:
@@ -308,12 +313,13 @@ class Zygote:
 
     def _fork_spare(self) -> Child:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        slot = self._cgroup_slot()
         pid = os.fork()
         if pid == 0:
-            _run_spare(theirs.fileno(), self.pid, self.config)
+            _run_spare(theirs.fileno(), self.pid, self.config, slot)
         theirs.close()
         pidfd = os.pidfd_open(pid)
-        child = Child(pid, pidfd, ours)
+        child = Child(pid, pidfd, ours, slot)
         self.children[pidfd] = child
         self.poller.register(pidfd, select.POLLIN)
         return child
@@ -350,19 +356,25 @@ class Zygote:
             if status != 0:
                 _send_ending(child.connection, status, "", "")
             child.connection.close()
-        self.stale_cgroups += self.config.cgroup_directories(child.pid)
+        if child.cgroup_slot is not None:
+            self.draining_cgroup_slots.append(child.cgroup_slot)
 
-    def _remove_cgroups(self) -> None:
-        """Remove ended attempts' cgroups; one whose processes are still leaving waits a round."""
-        remaining = []
-        for directory in self.stale_cgroups:
-            try:
-                os.rmdir(directory)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                remaining.append(directory)
-        self.stale_cgroups = remaining
+    def _cgroup_slot(self) -> int | None:
+        """A cgroup slot for a new spare: an emptied one, or a new one with the attempt's limits."""
+        if not self.config.cgroup_version:
+            return None
+        for slot in list(self.draining_cgroup_slots):
+            with open(os.path.join(self.config.cgroup_directories(slot)[0], "cgroup.procs")) as procs:
+                if not procs.read().strip():
+                    self.draining_cgroup_slots.remove(slot)
+                    self.free_cgroup_slots.append(slot)
+        if self.free_cgroup_slots:
+            return self.free_cgroup_slots.pop()
+        slot, self.cgroup_slots = self.cgroup_slots, self.cgroup_slots + 1
+        for directory in self.config.cgroup_directories(slot):
+            os.makedirs(directory, exist_ok=True)
+            _limit_cgroup(directory, self.config)
+        return slot
 
 
 def _send_ending(connection: socket.socket, status: int, stdout: str, stderr: str, oom: bool = False) -> None:
@@ -404,11 +416,11 @@ def serve(config: ZygoteConfig) -> NoReturn:
     Zygote(config).serve()
 
 
-def _run_spare(channel_fd: int, zygote_pid: int, config: ZygoteConfig) -> NoReturn:
+def _run_spare(channel_fd: int, zygote_pid: int, config: ZygoteConfig, cgroup_slot: int | None) -> NoReturn:
     """Run one spare's whole life and exit without ever returning into the zygote's loop."""
     exit_status = 1
     try:
-        _spare(channel_fd, zygote_pid, config)
+        _spare(channel_fd, zygote_pid, config, cgroup_slot)
         exit_status = 0
     except BaseException:
         # Our stderr is the engine's log: a fault of ours, never user code's output.
@@ -427,7 +439,7 @@ class Runner:
     streams: dict[int, bytearray] = field(default_factory=dict)
 
 
-def _spare(channel_fd: int, zygote_pid: int, config: ZygoteConfig) -> None:
+def _spare(channel_fd: int, zygote_pid: int, config: ZygoteConfig, cgroup_slot: int | None) -> None:
     """Be a spare until handed a connection, then supervise that one attempt."""
     # Inherited zygote objects must never be finalized here: they would close
     # descriptor numbers that this attempt has reused.
@@ -441,9 +453,10 @@ def _spare(channel_fd: int, zygote_pid: int, config: ZygoteConfig) -> None:
     setup_error: OSError | None = None
     # Without namespaces the attempt works in a directory of the host's; see `isolation`.
     scratch = SCRATCH if config.isolate else tempfile.mkdtemp(prefix="citadel-attempt-")
-    memory_cgroup: int | None = None
+    memory_cgroup: MemoryCgroup | None = None
     try:
-        memory_cgroup = _join_cgroups(config)
+        if cgroup_slot is not None:
+            memory_cgroup = _join_cgroups(config.cgroup_directories(cgroup_slot))
         if config.isolate:
             _enter_attempt_namespaces(config)
         runner = _fork_runner(config, scratch)
@@ -487,30 +500,44 @@ def _enter_attempt_namespaces(config: ZygoteConfig) -> None:
         _mount(SCRATCH.encode(), "/dev/shm", None, MS_BIND, None)
 
 
-def _join_cgroups(config: ZygoteConfig) -> int | None:
-    """Put this spare, and so its attempt, in cgroups of its own with the attempt's limits.
+@dataclass(frozen=True)
+class MemoryCgroup:
+    """An attempt's memory cgroup, open, and how many OOM kills it had seen before the attempt."""
 
-    Done as root, before becoming the sandbox uid: the cgroups' files stay root's, so user code
-    cannot raise its limits. Returns a descriptor of the memory cgroup, to read its OOM kills.
+    fd: int
+    kills_before: int
+
+    def killed(self) -> bool:
+        """Whether the kernel killed a process of the attempt for the cgroup's memory limit."""
+        return _oom_kills(self.fd) > self.kills_before
+
+
+def _limit_cgroup(directory: str, config: ZygoteConfig) -> None:
+    """Write an attempt's limits into one of its cgroup directories."""
+    for name, value, required in _cgroup_limits(config):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            try:
+                with open(path, "w") as file:
+                    file.write(value)
+            except OSError:
+                if required:
+                    raise
+
+
+def _join_cgroups(directories: list[str]) -> MemoryCgroup | None:
+    """Move this spare, and so its attempt, into its slot's cgroups.
+
+    Done as root, before becoming the sandbox uid: the cgroups' files are root's, so user code
+    cannot raise its limits.
     """
     memory = None
-    for directory in config.cgroup_directories(os.getpid()):
-        os.makedirs(directory, exist_ok=True)
-        for name, value, required in _cgroup_limits(config):
-            path = os.path.join(directory, name)
-            if os.path.exists(path):
-                try:
-                    with open(path, "w") as file:
-                        file.write(value)
-                except OSError:
-                    if required:
-                        raise
+    for directory in directories:
         with open(os.path.join(directory, "cgroup.procs"), "w") as procs:
             procs.write("0")
-        if any(
-            os.path.exists(os.path.join(directory, name)) for name in ("memory.oom_control", "memory.events")
-        ):
-            memory = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        if any(os.path.exists(os.path.join(directory, name)) for name in OOM_COUNTERS):
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            memory = MemoryCgroup(fd, _oom_kills(fd))
     return memory
 
 
@@ -532,20 +559,18 @@ def _cgroup_limits(config: ZygoteConfig) -> list[tuple[str, str, bool]]:
     ]
 
 
-def _out_of_memory(memory_cgroup: int | None) -> bool:
-    """Whether the kernel killed a process of the attempt for its cgroup's memory limit."""
-    if memory_cgroup is None:
-        return False
-    for name in ("memory.oom_control", "memory.events"):
+def _oom_kills(memory_cgroup: int) -> int:
+    """How many processes the kernel has killed for this cgroup's memory limit, ever."""
+    for name in OOM_COUNTERS:
         try:
             with open(os.open(name, os.O_RDONLY, dir_fd=memory_cgroup)) as file:
                 for line in file:
                     key, _, value = line.partition(" ")
-                    if key == "oom_kill" and int(value) > 0:
-                        return True
+                    if key == "oom_kill":
+                        return int(value)
         except OSError:
             continue
-    return False
+    return 0
 
 
 def _loopback_up() -> None:
@@ -568,7 +593,11 @@ def _fork_runner(config: ZygoteConfig, scratch: str) -> Runner:
 
 
 def _supervise(
-    runner: Runner, connection: socket.socket, request: bytes, config: ZygoteConfig, memory_cgroup: int | None
+    runner: Runner,
+    connection: socket.socket,
+    request: bytes,
+    config: ZygoteConfig,
+    memory_cgroup: MemoryCgroup | None,
 ) -> None:
     """Hand the request over, gather output, and answer the engine with the result or the end."""
     result_cap = int(json.loads(request)["result_cap_bytes"])
@@ -612,7 +641,9 @@ def _supervise(
     _kill_group(runner.pid)
 
 
-def _report_end(runner: Runner, connection: socket.socket, cap: int, memory_cgroup: int | None) -> None:
+def _report_end(
+    runner: Runner, connection: socket.socket, cap: int, memory_cgroup: MemoryCgroup | None
+) -> None:
     """The runner ended without a result: say how, with what it printed."""
     _kill_group(runner.pid)
     _, status = os.waitpid(runner.pid, 0)
@@ -622,7 +653,7 @@ def _report_end(runner: Runner, connection: socket.socket, cap: int, memory_cgro
         while readable and _gather(fd, buffer, cap):
             readable, _, _ = select.select([fd], [], [], LEFTOVER_OUTPUT_SECONDS)
     stdout, stderr = (_text(buffer, cap) for buffer in runner.streams.values())
-    _send_ending(connection, status, stdout, stderr, oom=_out_of_memory(memory_cgroup))
+    _send_ending(connection, status, stdout, stderr, oom=memory_cgroup is not None and memory_cgroup.killed())
 
 
 def _receive(channel: socket.socket, frame: bytearray) -> bool:

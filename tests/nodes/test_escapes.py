@@ -263,6 +263,17 @@ def attempt_cgroups(pid: int) -> dict[str, Path]:
     return found
 
 
+def pid_running(marker: str) -> int:
+    """The host pid of a process with `marker` on its command line."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+        except OSError:
+            continue  # It ended while we looked.
+    raise AssertionError(f"no process runs {marker}")
+
+
 def needs_cgroups(engine: Engine) -> None:
     zygote = engine.executor._zygote
     if zygote is None or zygote.cgroups is None or zygote.cgroups.version != 1:
@@ -285,12 +296,7 @@ async def test_an_attempt_runs_in_cgroups_of_its_own_with_its_limits(engine: Eng
         """
     running = asyncio.create_task(run(engine, code, inputs={"marker": marker}))
     assert await eventually(lambda: runs_command(marker))
-    pid = next(
-        int(entry.name)
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes()
-    )
-    cgroups = attempt_cgroups(pid)
+    cgroups = attempt_cgroups(pid_running(marker))
     limits = {
         "pids": (cgroups["pids"] / "pids.max").read_text().strip(),
         "memory": int((cgroups["memory"] / "memory.limit_in_bytes").read_text()),
