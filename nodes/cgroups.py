@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,11 @@ logger = logging.getLogger(__name__)
 
 CONTROLLERS = ("pids", "memory", "cpu")
 CGROUP_INSIDE = "/citadel/cgroup"
+# A sandbox's cgroups are named after its runtime directory, which starts so.
+PREFIX = "citadel-"
+# An engine that was killed leaves its sandboxes' cgroups behind; the next one to start removes
+# those that hold no process and are older than this (a younger one may be about to be used).
+STALE_AFTER_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -38,20 +44,36 @@ class Delegation:
         """Remove the directories and any attempt's left behind; False while one still holds a
         process (a killed sandbox's processes take a moment to leave)."""
         for host, _ in self.directories:
-            path = Path(host)
-            if not path.is_dir():
-                continue
-            for child in path.iterdir():
-                if child.is_dir():
-                    with contextlib.suppress(OSError):
-                        child.rmdir()
-            with contextlib.suppress(OSError):
-                path.rmdir()
+            _remove_tree(Path(host))
         return not any(Path(host).exists() for host, _ in self.directories)
 
 
+def _remove_tree(path: Path) -> None:
+    """Remove a sandbox's cgroup and its attempts' (a cgroup holding a process stays)."""
+    if not path.is_dir():
+        return
+    for child in path.iterdir():
+        if child.is_dir():
+            with contextlib.suppress(OSError):
+                child.rmdir()
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+def _sweep(parent: Path) -> None:
+    """Remove what killed engines left below `parent`: old sandbox cgroups that hold no process."""
+    now = time.time()
+    for path in parent.glob(f"{PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and now - path.stat().st_mtime > STALE_AFTER_SECONDS:
+                _remove_tree(path)
+
+
 def delegate(name: str) -> Delegation | None:
-    """Create this sandbox's cgroups below the engine's own; None where the kernel does not let us."""
+    """Create this sandbox's cgroups below the engine's own; None where the kernel does not let us.
+
+    `name` starts with PREFIX and is unique on the host (the sandbox's runtime directory).
+    """
     if os.geteuid() != 0:
         return None
     try:
@@ -93,7 +115,9 @@ def _delegate_v1(name: str) -> Delegation | None:
         return None
     directories = []
     for controller in CONTROLLERS:
-        host = Path(mounts[controller]) / own[controller].lstrip("/") / name
+        parent = Path(mounts[controller]) / own[controller].lstrip("/")
+        _sweep(parent)
+        host = parent / name
         host.mkdir(exist_ok=True)
         directories.append((str(host), f"{CGROUP_INSIDE}/{controller}"))
     return Delegation(1, tuple(directories))
@@ -109,6 +133,7 @@ def _delegate_v2(name: str) -> Delegation | None:
         return None
     # Fails (EBUSY) where the engine's own cgroup holds processes: v2 keeps controllers to leaves.
     (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
+    _sweep(parent)
     host = parent / name
     host.mkdir(exist_ok=True)
     (host / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
