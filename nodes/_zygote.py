@@ -373,7 +373,7 @@ class Zygote:
         slot, self.cgroup_slots = self.cgroup_slots, self.cgroup_slots + 1
         for directory in self.config.cgroup_directories(slot):
             os.makedirs(directory, exist_ok=True)
-            _limit_cgroup(directory, self.config)
+            limit_cgroup(directory, self.config)
         return slot
 
 
@@ -512,7 +512,7 @@ class MemoryCgroup:
         return _oom_kills(self.fd) > self.kills_before
 
 
-def _limit_cgroup(directory: str, config: ZygoteConfig) -> None:
+def limit_cgroup(directory: str, config: ZygoteConfig) -> None:
     """Write an attempt's limits into one of its cgroup directories."""
     for name, value, required in _cgroup_limits(config):
         path = os.path.join(directory, name)

@@ -105,9 +105,9 @@ class ZygoteProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def command(self, listen_fd: int) -> list[str]:
-        """The zygote's command line, under bubblewrap unless isolation is rlimits-only."""
-        config = _zygote.ZygoteConfig(
+    def config(self, listen_fd: int) -> _zygote.ZygoteConfig:
+        """What the zygote is told."""
+        return _zygote.ZygoteConfig(
             listen_fd=listen_fd,
             output_cap_bytes=self.output_cap_bytes,
             isolate=self.allowed is not None,
@@ -122,7 +122,10 @@ class ZygoteProcess:
             cgroup_version=self.cgroups.version if self.cgroups is not None else 0,
             cgroup_controllers=self.cgroups.controllers if self.cgroups is not None else (),
         )
-        zygote = [interpreter(), "-S", "-B", "-m", "nodes._zygote", config.dumps()]
+
+    def command(self, listen_fd: int) -> list[str]:
+        """The zygote's command line, under bubblewrap unless isolation is rlimits-only."""
+        zygote = [interpreter(), "-S", "-B", "-m", "nodes._zygote", self.config(listen_fd).dumps()]
         if self.bwrap is None or self.allowed is None:
             return zygote
         writable = self.cgroups.directories if self.cgroups is not None else ()
@@ -181,6 +184,28 @@ class ZygoteProcess:
                     await asyncio.sleep(0.02)
                 self.cgroups = None
 
+    def _delegated_cgroups(self) -> Delegation | None:
+        """This sandbox's cgroups, once an attempt's limits were written into a probe of each."""
+        delegation = delegate(self.runtime_dir.name)
+        if delegation is None:
+            return None
+        config = self.config(-1)
+        try:
+            for host, _ in delegation.directories:
+                probe = Path(host) / "probe"
+                probe.mkdir(exist_ok=True)
+                try:
+                    _zygote.limit_cgroup(str(probe), config)
+                finally:
+                    probe.rmdir()
+        except OSError as exc:
+            logger.warning(
+                "the python executor runs without cgroups: an attempt's limits could not be set: %s", exc
+            )
+            delegation.remove()
+            return None
+        return delegation
+
     def _listening(self) -> socket.socket:
         if self._listener is None:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -194,7 +219,7 @@ class ZygoteProcess:
     async def _launch(self) -> None:
         listener = self._listening()
         if self.allowed is not None and self.cgroups is None:
-            self.cgroups = delegate(self.runtime_dir.name)
+            self.cgroups = self._delegated_cgroups()
         command = self.command(listener.fileno())
         process = await asyncio.create_subprocess_exec(
             *command,
