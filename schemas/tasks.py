@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.values import MAX_DEPTH, ValueOutOfBounds, check_value, printable
+
 
 class NodeTask(BaseModel):
     """One attempt of one node, as carried on `citadel.node-tasks`.
@@ -60,3 +62,25 @@ class NodeOutcome(BaseModel):
             stdout=stdout,
             stderr=stderr,
         )
+
+    def recordable(self, node_id: str) -> NodeOutcome:
+        """This outcome as the engine can record it: output past the engine's limits for JSON
+        values fails the attempt (error class ResultNotRecordable), and text that could not be
+        encoded (lone surrogates) is mended, so no run waits on a result that cannot be stored."""
+        stdout, stderr = printable(self.stdout), printable(self.stderr)
+        if not self.ok:
+            message = printable(self.error_message or "")
+            return self.model_copy(update={"error_message": message, "stdout": stdout, "stderr": stderr})
+        try:
+            check_value(self.output, "output")
+        except ValueOutOfBounds as exc:
+            return NodeOutcome.failure(
+                "ResultNotRecordable",
+                f"node {node_id!r} returned a result the engine cannot record, at {exc}; return "
+                f"integers within 64 bits, finite numbers, text without lone surrogates, and at most "
+                f"{MAX_DEPTH} levels of nesting",
+                self.duration_ms,
+                stdout,
+                stderr,
+            )
+        return self.model_copy(update={"stdout": stdout, "stderr": stderr})

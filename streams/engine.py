@@ -738,7 +738,8 @@ class Engine:
         done, _ = await asyncio.wait({execution}, timeout=self.settings.start_report_seconds)
         if not done:
             await self._report(started)
-        outcome = await execution
+        # What cannot be recorded fails the attempt here: encoding it later would fail for good.
+        outcome = (await execution).recordable(task.node_id)
         if outcome.error_class is not None:
             log.info("attempt %d failed: %s: %s", task.attempt, outcome.error_class, outcome.error_message)
             attempt_failed(outcome.error_class)

@@ -70,3 +70,34 @@ async def test_a_run_rejected_by_the_engine_is_reported_to_the_submitter(engine:
         assert "input.n" in str(exc) and "is not of type 'integer'" in str(exc)
     else:
         raise AssertionError("the run should have been rejected")
+
+
+UNRECORDABLE = """
+name: unrecordable
+version: 1
+nodes:
+  - id: huge
+    type: python
+    retry: {max_attempts: 1}
+    config:
+      code: |
+        def main():
+            return {"n": 2**64}
+"""
+
+
+async def test_a_result_that_cannot_be_recorded_fails_its_run_and_other_runs_go_on(engine: Engine) -> None:
+    """An integer past 64 bits used to be decided, then never encoded: the run waited for ever and
+    the worker lost an executor loop with each such attempt."""
+    from schemas.definition import parse_definition
+
+    definition = parse_definition(UNRECORDABLE).model_dump(mode="json")
+    failed = await run_to_end(engine, definition, {})
+    assert failed.status == "failed"
+    node = failed.nodes["huge"]
+    assert node.status == "failed"
+    assert "returned a result the engine cannot record, at output.n: the integer" in (failed.error or "")
+
+    # The same worker, all its executor loops intact, completes the next runs.
+    after = await asyncio.gather(*(run_to_end(engine, example("linear.yaml"), {"n": n}) for n in range(4)))
+    assert [report.status for report in after] == ["completed"] * 4
