@@ -364,10 +364,16 @@ class Zygote:
         if not self.config.cgroup_version:
             return None
         for slot in list(self.draining_cgroup_slots):
-            with open(os.path.join(self.config.cgroup_directories(slot)[0], "cgroup.procs")) as procs:
-                if not procs.read().strip():
-                    self.draining_cgroup_slots.remove(slot)
-                    self.free_cgroup_slots.append(slot)
+            try:
+                with open(os.path.join(self.config.cgroup_directories(slot)[0], "cgroup.procs")) as procs:
+                    emptied = not procs.read().strip()
+            except FileNotFoundError:
+                # Removed from outside (an operator): a new slot takes its place.
+                self.draining_cgroup_slots.remove(slot)
+                continue
+            if emptied:
+                self.draining_cgroup_slots.remove(slot)
+                self.free_cgroup_slots.append(slot)
         if self.free_cgroup_slots:
             return self.free_cgroup_slots.pop()
         slot, self.cgroup_slots = self.cgroup_slots, self.cgroup_slots + 1

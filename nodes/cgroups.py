@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +19,9 @@ logger = logging.getLogger(__name__)
 
 CONTROLLERS = ("pids", "memory", "cpu")
 CGROUP_INSIDE = "/citadel/cgroup"
-# A sandbox's cgroups are named after its runtime directory, which starts so.
+# A sandbox's cgroups are named `citadel-<engine pid>-<its start time>-<sandbox>`: an engine that
+# was killed leaves them behind, and the next one to start removes those whose engine is gone.
 PREFIX = "citadel-"
-# An engine that was killed leaves its sandboxes' cgroups behind; the next one to start removes
-# those that hold no process and are older than this (a younger one may be about to be used).
-STALE_AFTER_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -60,19 +57,30 @@ def _remove_tree(path: Path) -> None:
         path.rmdir()
 
 
+def owner_tag(pid: int) -> str | None:
+    """`<pid>-<start time>` of a live process, which no later process with that pid shares."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{pid}-{stat.rsplit(')', 1)[1].split()[19]}"
+
+
 def _sweep(parent: Path) -> None:
-    """Remove what killed engines left below `parent`: old sandbox cgroups that hold no process."""
-    now = time.time()
+    """Remove what killed engines left below `parent`: sandbox cgroups whose engine is gone."""
     for path in parent.glob(f"{PREFIX}*"):
-        with contextlib.suppress(OSError):
-            if path.is_dir() and now - path.stat().st_mtime > STALE_AFTER_SECONDS:
-                _remove_tree(path)
+        pid, _, rest = path.name.removeprefix(PREFIX).partition("-")
+        if not pid.isdigit() or not path.is_dir():
+            continue
+        if owner_tag(int(pid)) != f"{pid}-{rest.split('-', 1)[0]}":
+            # An attempt's processes still leaving keep their cgroup; the next sweep gets it.
+            _remove_tree(path)
 
 
 def delegate(name: str) -> Delegation | None:
     """Create this sandbox's cgroups below the engine's own; None where the kernel does not let us.
 
-    `name` starts with PREFIX and is unique on the host (the sandbox's runtime directory).
+    `name` is unique among this engine's sandboxes (the sandbox's runtime directory).
     """
     if os.geteuid() != 0:
         return None
@@ -81,6 +89,10 @@ def delegate(name: str) -> Delegation | None:
     except OSError as exc:
         logger.info("the sandbox runs without cgroups: %s", exc)
         return None
+
+
+def _directory_name(name: str) -> str:
+    return f"{PREFIX}{owner_tag(os.getpid())}-{name}"
 
 
 def _own_cgroups() -> dict[str, str]:
@@ -117,7 +129,7 @@ def _delegate_v1(name: str) -> Delegation | None:
     for controller in CONTROLLERS:
         parent = Path(mounts[controller]) / own[controller].lstrip("/")
         _sweep(parent)
-        host = parent / name
+        host = parent / _directory_name(name)
         host.mkdir(exist_ok=True)
         directories.append((str(host), f"{CGROUP_INSIDE}/{controller}"))
     return Delegation(1, tuple(directories))
@@ -134,7 +146,7 @@ def _delegate_v2(name: str) -> Delegation | None:
     # Fails (EBUSY) where the engine's own cgroup holds processes: v2 keeps controllers to leaves.
     (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
     _sweep(parent)
-    host = parent / name
+    host = parent / _directory_name(name)
     host.mkdir(exist_ok=True)
     (host / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
     return Delegation(2, ((str(host), CGROUP_INSIDE),))

@@ -3,14 +3,13 @@ what a killed engine left behind removed by the next one that starts."""
 
 from __future__ import annotations
 
-import os
-import time
+import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from nodes.cgroups import STALE_AFTER_SECONDS, delegate
+from nodes.cgroups import delegate, owner_tag
 from nodes.python import PythonExecutor
 from tests.nodes.support import make_task, started
 
@@ -45,21 +44,32 @@ async def test_a_stopped_executor_leaves_no_cgroup_behind(cgroups_here: Path) ->
     assert not (cgroups_here / during.pop()).exists()
 
 
-async def test_what_a_killed_engine_left_is_removed_by_the_next_one_and_nothing_younger(
+async def test_what_a_killed_engine_left_is_removed_by_the_next_one_and_a_live_ones_is_kept(
     cgroups_here: Path,
 ) -> None:
-    stale = cgroups_here / f"citadel-python-killed-{uuid.uuid4().hex[:8]}"
-    young = cgroups_here / f"citadel-python-young-{uuid.uuid4().hex[:8]}"
-    for path in (stale, young, stale / "0"):
+    """A SIGKILLed engine cannot remove its sandboxes' cgroups; the next engine removes those
+    whose engine is gone (by pid and start time, so a recycled pid does not count as alive), and
+    never touches a live engine's, however long it has run."""
+    live = subprocess.Popen(["sleep", "30"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live_tag = owner_tag(live.pid)
+    assert live_tag is not None
+    stale = cgroups_here / f"citadel-{dead.pid}-12345-citadel-python-killed"
+    recycled = cgroups_here / f"citadel-{live.pid}-1-citadel-python-recycled"
+    alive = cgroups_here / f"citadel-{live_tag}-citadel-python-alive"
+    made = [stale, stale / "0", recycled, alive, alive / "0", alive / "1"]
+    for path in made:
         path.mkdir()
-    long_ago = time.time() - STALE_AFTER_SECONDS - 60
-    os.utime(stale, (long_ago, long_ago))
     try:
         async with started(PythonExecutor()):
             pass
         assert not stale.exists()
-        assert young.exists()
+        assert not recycled.exists()
+        assert [path.name for path in sorted(alive.iterdir()) if path.is_dir()] == ["0", "1"]
     finally:
-        for path in (stale / "0", stale, young):
+        live.kill()
+        live.wait()
+        for path in reversed(made):
             if path.exists():
                 path.rmdir()

@@ -308,7 +308,7 @@ async def test_an_attempt_runs_in_cgroups_of_its_own_with_its_limits(engine: Eng
     assert outcome.ok, outcome
     assert limits == {"pids": "64", "memory": (1024 + 64) * 2**20, "cpu": "100000", "period": "100000"}
     # Its own: named after the attempt's supervising process, below this sandbox's cgroup.
-    assert cgroups["pids"].parent.name.startswith("citadel-python-")
+    assert cgroups["pids"].parent.name.startswith(f"citadel-{os.getpid()}-")
     # And the attempt cannot see them, let alone change them: its view of them is empty.
     assert outcome.output == []
 

@@ -392,6 +392,8 @@ async def test_a_killed_zygote_is_restarted_on_the_next_attempt() -> None:
         first_zygote = fresh.zygote_pid
         assert first_zygote is not None
         os.kill(first_zygote, signal.SIGKILL)
+        # Until the engine has reaped it, the killed process still counts as running.
+        assert await wait_until_gone(first_zygote)
 
         # The sandboxed zygote dies a moment after its bwrap parent: an attempt racing that
         # moment fails as Crashed (retryable), never with an exception; the next one runs.
