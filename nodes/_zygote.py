@@ -130,6 +130,8 @@ class ZygoteConfig:
 
     listen_fd: int
     output_cap_bytes: int
+    # The runner's result, beyond which its reply is a protocol failure (the engine's setting).
+    result_cap_bytes: int
     # Isolated: every attempt in namespaces of its own, as `sandbox_uid` when started as root.
     isolate: bool
     sandbox_uid: int = 65534
@@ -168,8 +170,7 @@ class ZygoteConfig:
 
     @property
     def memory_bytes(self) -> int:
-        """What an attempt's cgroup may hold: its address space's worth, and its scratch tmpfs."""
-        return ADDRESS_SPACE_LIMIT_BYTES + self.scratch_bytes
+        return attempt_memory_bytes(self.scratch_bytes)
 
     def cgroup_directories(self, slot: int) -> list[str]:
         """The cgroup directories of one attempt slot, inside the sandbox."""
@@ -178,6 +179,11 @@ class ZygoteConfig:
         if self.cgroup_version == 2:
             return [f"{CGROUP_INSIDE}/{slot}"]
         return []
+
+
+def attempt_memory_bytes(scratch_bytes: int) -> int:
+    """What an attempt's cgroup may hold: its address space's worth, and its scratch tmpfs."""
+    return ADDRESS_SPACE_LIMIT_BYTES + scratch_bytes
 
 
 def kept_environment(environ: dict[str, str]) -> dict[str, str]:
@@ -606,7 +612,6 @@ def _supervise(
     memory_cgroup: MemoryCgroup | None,
 ) -> None:
     """Hand the request over, gather output, and answer the engine with the result or the end."""
-    result_cap = int(json.loads(request)["result_cap_bytes"])
     poller = select.poll()
     for fd in (*runner.streams, runner.pidfd, runner.socket.fileno()):
         poller.register(fd, select.POLLIN)
@@ -632,7 +637,7 @@ def _supervise(
             with contextlib.suppress(BlockingIOError):
                 while _receive(runner.socket, frame):
                     pass
-        reply = _complete_frame(frame, result_cap + REPLY_OVERHEAD_BYTES)
+        reply = _complete_frame(frame, config.result_cap_bytes + REPLY_OVERHEAD_BYTES)
     if reply is None:
         _report_end(runner, connection, cap, memory_cgroup)
         return

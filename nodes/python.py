@@ -80,6 +80,7 @@ class ZygoteProcess:
         self,
         runtime_dir: Path,
         output_cap_bytes: int,
+        result_cap_bytes: int,
         bwrap: str | None = None,
         network: bool = False,
         packages: Sequence[str] = (),
@@ -94,6 +95,7 @@ class ZygoteProcess:
         self.sandbox_uid = sandbox_uid
         self.socket_path = runtime_dir / _zygote.SOCKET_NAME
         self.output_cap_bytes = output_cap_bytes
+        self.result_cap_bytes = result_cap_bytes
         self.generation = 0
         self.allowed = allow_list(self.packages, network) if bwrap is not None else None
         self.cgroups: Delegation | None = None
@@ -110,6 +112,7 @@ class ZygoteProcess:
         return _zygote.ZygoteConfig(
             listen_fd=listen_fd,
             output_cap_bytes=self.output_cap_bytes,
+            result_cap_bytes=self.result_cap_bytes,
             isolate=self.allowed is not None,
             sandbox_uid=self.sandbox_uid,
             scratch_bytes=self.scratch_bytes,
@@ -410,7 +413,7 @@ class PythonExecutor:
         return (
             f"and in cgroups (v{zygote.cgroups.version}) of its own: at most "
             f"{_zygote.PROCESS_COUNT_LIMIT} processes, "
-            f"{(_zygote.ADDRESS_SPACE_LIMIT_BYTES + self.scratch_bytes) // 2**20} MiB of memory "
+            f"{_zygote.attempt_memory_bytes(self.scratch_bytes) // 2**20} MiB of memory "
             "for all of them and its /tmp, one core of CPU"
         )
 
@@ -431,6 +434,7 @@ class PythonExecutor:
         zygote = ZygoteProcess(
             runtime_dir,
             self.output_cap_bytes,
+            self.result_cap_bytes,
             bwrap,
             network,
             self.packages,
@@ -598,7 +602,7 @@ class PythonExecutor:
             return NodeOutcome.failure(
                 "MemoryLimit",
                 f"node {task.node_id!r} and its processes used more than the "
-                f"{(_zygote.ADDRESS_SPACE_LIMIT_BYTES + self.scratch_bytes) // 2**20} MiB of memory an "
+                f"{_zygote.attempt_memory_bytes(self.scratch_bytes) // 2**20} MiB of memory an "
                 "attempt may hold (its /tmp included) and the kernel killed it; use less memory, "
                 "or process the data in smaller pieces",
                 stdout=stdout,
