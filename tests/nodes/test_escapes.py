@@ -761,21 +761,39 @@ async def test_network_true_is_refused_on_an_executor_without_network(engine: En
     )
 
 
+CONNECT = """\
+    import socket
+
+    def main(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return "connected"
+        except OSError as exc:
+            return type(exc).__name__
+    """
+
+
+async def test_a_networked_node_shares_the_hosts_network_and_others_stay_private(
+    listening_server: tuple[int, list[int]],
+) -> None:
+    """CITADEL_ALLOW_NETWORK is an opt-in with a price the README states: a node that asks for
+    network shares the host's, loopback included. A node that does not ask stays in a network
+    namespace of its own on the same executor."""
+    port, accepted = listening_server
+    async with started(PythonExecutor(allow_network=True)) as networked:
+        reached = await networked.execute(attack(CONNECT, inputs={"port": port}, config={"network": True}))
+        private = await networked.execute(attack(CONNECT, inputs={"port": port}))
+
+    assert reached.output == "connected", reached
+    assert private.output == "ConnectionRefusedError", private
+    assert accepted == [1]
+
+
 async def test_a_truthy_non_boolean_network_setting_does_not_unlock_the_network(
     engine: Engine, listening_server: tuple[int, list[int]]
 ) -> None:
     port, accepted = listening_server
-    code = """\
-        import socket
-
-        def main(port):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return "connected"
-            except OSError as exc:
-                return type(exc).__name__
-        """
-    outcome = await run(engine, code, inputs={"port": port}, config={"network": "true"})
+    outcome = await run(engine, CONNECT, inputs={"port": port}, config={"network": "true"})
 
     assert outcome.ok, outcome
     assert outcome.output == "ConnectionRefusedError"

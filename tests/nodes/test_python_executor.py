@@ -624,38 +624,31 @@ async def test_filling_the_scratch_space_fails_the_attempt_naming_its_size() -> 
     assert after.output == "still serving"
 
 
-async def test_a_networked_node_shares_the_hosts_network_and_others_stay_private() -> None:
-    """CITADEL_ALLOW_NETWORK is an opt-in with a price the README states: a node that asks for
-    network shares the host's, loopback included. A node that does not ask stays in a network
-    namespace of its own on the same executor."""
-    accepted: list[int] = []
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [("[0] * 0 + [10**30]", "output[0]: the integer"), ("deep(300)", "nested deeper than 64 levels")],
+)
+async def test_a_hostile_result_fails_as_not_recordable_and_invalid_bytes_are_mended(
+    executor: PythonExecutor, value: str, where: str
+) -> None:
+    code = f"""\
+        import sys
 
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(1)
-        writer.close()
+        def deep(n):
+            value = 1
+            for _ in range(n):
+                value = [value]
+            return value
 
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    code = """\
-        import socket
-
-        def main(port):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                return "connected"
-            except OSError as exc:
-                return type(exc).__name__
+        def main():
+            sys.stdout.buffer.write(b"bytes \\xff\\xfe that are not UTF-8\\n")
+            sys.stdout.flush()
+            return {value}
         """
-    try:
-        async with started(PythonExecutor(allow_network=True)) as networked:
-            reached = await networked.execute(
-                make_task(code, inputs={"port": port}, config={"network": True})
-            )
-            private = await networked.execute(make_task(code, inputs={"port": port}))
-    finally:
-        server.close()
-        await server.wait_closed()
+    outcome = (await executor.execute(make_task(code))).recordable("hostile")
+    after = await executor.execute(make_task("def main():\n    return 'still serving'"))
 
-    assert reached.output == "connected", reached
-    assert private.output == "ConnectionRefusedError", private
-    assert accepted == [1]
+    assert outcome.error_class == "ResultNotRecordable", outcome
+    assert where in (outcome.error_message or "")
+    assert outcome.stdout == "bytes \ufffd\ufffd that are not UTF-8\n"
+    assert after.output == "still serving"
